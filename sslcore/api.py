@@ -1,0 +1,101 @@
+"""Entry points shared by every recipe and notebook: `pretrain(...)` and `main(argv)`.
+
+    accelerate launch recipes/pretrain.py --config recipes/configs/bert_mlm_tiny.yaml \
+        --train.max_steps 200 [--resume [PATH]] [--push_to_hub user/name]
+
+    from sslcore.api import pretrain
+    result = pretrain("recipes/configs/bert_mlm_tiny.yaml", {"train": {"max_steps": 200}})
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from sslcore import config as cfg
+from sslcore.hub import push_to_hub
+from sslcore.registry import get_objective, list_objectives
+from sslcore.run_config import RunConfig
+from sslcore.trainer import Trainer, TrainResult
+
+logger = logging.getLogger(__name__)
+
+USAGE = """usage: recipes/pretrain.py --config FILE [--resume [latest|PATH]] [--push_to_hub REPO_ID]
+                           [--section.key VALUE ...] [--help]"""
+
+
+def build_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
+    """Defaults of the objective named in the YAML/overrides, then the YAML, then the overrides."""
+    values = cfg.read_yaml(path) if path else {}
+    if overrides:
+        values = cfg.merge(values, cfg.parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    name = values.get("objective")
+    if not name:
+        raise cfg.ConfigError(f"the config names no objective; add `objective: <name>` (one of {list_objectives()})")
+    return cfg.build(get_objective(name).config_class, values)
+
+
+def pretrain(config: RunConfig | str | Path, overrides: list[str] | dict[str, Any] | None = None,
+             callbacks=None) -> TrainResult:
+    """Train the objective a config names; export; upload when `hub.repo_id` is set."""
+    if not isinstance(config, RunConfig):
+        config = build_config(config, overrides)
+    elif overrides:
+        config = cfg.build(type(config), cfg.merge(cfg.to_dict(config), overrides if isinstance(overrides, dict)
+                                                   else cfg.parse_overrides(overrides)))
+    objective = get_objective(config.objective)(config)
+    trainer = Trainer(objective, callbacks=callbacks)
+    result = trainer.fit()
+    if config.hub.repo_id and result.export_dir is not None and trainer.accelerator.is_main_process:
+        push_to_hub(result.export_dir, config.hub.repo_id, token=config.hub.token, private=config.hub.private)
+    return result
+
+
+def _split_cli(argv: list[str]) -> tuple[str | None, list[str], bool]:
+    """Pull --config/--resume/--push_to_hub/--help out of argv; the rest are key overrides."""
+    path, overrides, show_help, i = None, [], False, 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        takes_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+        if arg in ("-h", "--help"):
+            show_help = True
+        elif name == "--config":
+            path = value if eq else argv[i + 1] if takes_value else None
+            if path is None:
+                raise cfg.ConfigError("--config needs a YAML path, e.g. recipes/configs/bert_mlm_tiny.yaml")
+            i += 0 if eq else 1
+        elif name == "--resume":
+            overrides += ["--train.resume", value if eq else argv[i + 1] if takes_value else "latest"]
+            i += 1 if (not eq and takes_value) else 0
+        elif name == "--push_to_hub":
+            if not (eq or takes_value):
+                raise cfg.ConfigError("--push_to_hub needs a repo id, e.g. --push_to_hub you/bert-tiny")
+            overrides += ["--hub.repo_id", value if eq else argv[i + 1]]
+            i += 0 if eq else 1
+        else:
+            overrides.append(arg)
+        i += 1
+    return path, overrides, show_help
+
+
+def main(argv: list[str] | None = None) -> TrainResult | None:
+    argv = sys.argv[1:] if argv is None else argv
+    path, overrides, show_help = _split_cli(argv)
+    if show_help:
+        values = cfg.read_yaml(path) if path else {}
+        name = values.get("objective")
+        print(USAGE)
+        if name:
+            print(f"\noptions of objective {name!r} (defaults shown; the YAML overrides them):")
+            print("\n".join(cfg.describe(get_objective(name).config_class)))
+        else:
+            print(f"\nobjectives: {', '.join(list_objectives())}; pass --config to list an objective's options")
+        return None
+    try:
+        config = build_config(path, overrides)
+    except cfg.ConfigError as error:
+        sys.exit(f"config error: {error}")
+    return pretrain(config)

@@ -1,0 +1,6 @@
+"""selfsup text: corpora, tokenizers, packing and the text pretraining objectives."""
+
+from textssl import mlm  # noqa: F401  (registers bert_mlm)
+from textssl.mlm import MaskedLMObjective, MLMConfig
+
+__all__ = ["MLMConfig", "MaskedLMObjective"]
