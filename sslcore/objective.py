@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sslcore.config import to_dict
-from sslcore.run_config import RunConfig
+from sslcore.run_config import RunConfig, TrainConfig
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -77,6 +77,11 @@ class Objective:
                 continue
             (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def build_optimizer(self, model: nn.Module, args: TrainConfig) -> torch.optim.Optimizer:
+        """AdamW over `parameter_groups` by default; override for SGD/sparse updates (word2vec)."""
+        return torch.optim.AdamW(self.parameter_groups(model, args.weight_decay), lr=args.learning_rate,
+                                 betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
 
     def step_hooks(self) -> list[Callable[[nn.Module, int], None]]:
         """Called after every optimizer step with (unwrapped model, step): EMA, temperatures, queues."""

@@ -106,6 +106,8 @@ class Trainer:
         )
         self.history: list[dict[str, Any]] = []
         self.model = None
+        self.should_stop = False
+        """Set by a callback (early stopping) to end training after the current step."""
 
     # -- building -------------------------------------------------------------------------
     def _train_loader(self) -> tuple[DataLoader, EpochSampler]:
@@ -139,9 +141,7 @@ class Trainer:
 
     def _optimizer_and_schedule(self, model: torch.nn.Module):
         args = self.args
-        groups = self.objective.parameter_groups(model, args.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                      eps=args.adam_epsilon)
+        optimizer = self.objective.build_optimizer(model, args)
         warmup = args.warmup_steps if args.warmup_steps is not None else math.ceil(args.warmup_ratio * args.max_steps)
         scheduler = get_scheduler(_SCHEDULES[args.lr_schedule], optimizer, num_warmup_steps=warmup,
                                   num_training_steps=args.max_steps)
@@ -193,7 +193,7 @@ class Trainer:
                   "start": time.perf_counter(), "start_step": step}  # start/start_step: for the ETA
         skipped_in_a_row, last_loss, eval_logs = 0, float("nan"), {}
         model.train()
-        while step < args.max_steps:
+        while step < args.max_steps and not self.should_stop:
             loader = acc.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
             # Accelerate's loaders re-apply their own epoch counter when iterated: set it there, or a
             # resumed (new) loader would replay epoch 0's order.
@@ -230,9 +230,9 @@ class Trainer:
                     last_loss = self._log_window(window, step, scheduler.get_last_lr()[0], bar)
                 if eval_loader is not None and args.eval_every and step % args.eval_every == 0:
                     eval_logs = self.evaluate(eval_loader, step)
-                if (args.save_every and step % args.save_every == 0) or step == args.max_steps:
+                if (args.save_every and step % args.save_every == 0) or step == args.max_steps or self.should_stop:
                     self._save(model, optimizer, scheduler, step, epoch, batches_done)
-                if step >= args.max_steps:
+                if step >= args.max_steps or self.should_stop:
                     break
             else:  # the epoch ran out
                 epoch, batches_done = epoch + 1, 0
