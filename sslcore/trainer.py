@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,6 +71,16 @@ def _available_trackers(names: list[str]) -> list[str]:
     return kept
 
 
+def _multi_process_without_gpu() -> bool:
+    """True under torchrun/`accelerate launch --multi_gpu` on a machine with no GPU.
+
+    Accelerate only sets up a CPU process group (gloo) when told `cpu=True`; without it each of
+    the N processes would silently train alone. (`accelerate launch --cpu` starts a single
+    process unless given an MPI hostfile, so `--multi_gpu --num_processes N` is the CPU route.)
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Flatten a nested config for trackers (tensorboard hparams take scalars only)."""
     out: dict[str, Any] = {}
@@ -98,6 +109,7 @@ class Trainer:
         self.callbacks = list(callbacks or [])
         self.output_dir = Path(self.args.output_dir)
         self.accelerator = accelerator or Accelerator(
+            cpu=_multi_process_without_gpu(),
             gradient_accumulation_steps=self.args.gradient_accumulation_steps,
             mixed_precision=self.args.mixed_precision,
             log_with=_available_trackers(self.args.report_to) or None,
