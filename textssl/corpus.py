@@ -1090,7 +1090,7 @@ def _source_fingerprint(entry: str, config: CorpusConfig) -> list[Any]:
     if entry.startswith("hf:") or not path.exists():
         return [entry]
     files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
-    return [entry, [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]]
+    return [entry, [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]]
 
 
 def _cache_key(config: CorpusConfig) -> str:
