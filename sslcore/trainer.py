@@ -274,9 +274,11 @@ class Trainer:
     def _log_window(self, window: dict, step: int, lr: float, bar: tqdm) -> float:
         """Average the logs since the last report over micro-batches and processes; print; track."""
         acc = self.accelerator
-        keys = window["logs"][0].keys() if window["logs"] else []
-        means = torch.stack([torch.stack([torch.as_tensor(l[k], dtype=torch.float32).detach().cpu() for l in window["logs"]])
-                             .mean() for k in keys]) if keys else torch.zeros(0)
+        # grad_norm exists only on micro-batches that stepped, so average each key where present.
+        keys = list(dict.fromkeys(k for entry in window["logs"] for k in entry))
+        means = torch.stack([torch.stack([torch.as_tensor(entry[k], dtype=torch.float32).detach().cpu()
+                                          for entry in window["logs"] if k in entry]).mean()
+                             for k in keys]) if keys else torch.zeros(0)
         means = acc.reduce(means.to(acc.device), reduction="mean").cpu() if acc.num_processes > 1 else means
         logs = {k: float(v) for k, v in zip(keys, means)}
         elapsed = time.perf_counter() - window["time"]
