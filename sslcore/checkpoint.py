@@ -4,6 +4,7 @@ Layout of `output_dir/checkpoints/step-000120/`:
   model.safetensors        weights (safetensors; shared/tied tensors handled)
   optimizer.pt, scheduler.pt, scaler.pt   state dicts, read back with weights_only=True
   rng-<rank>.pt            torch/numpy/python RNG states of every process (dropout streams)
+  data-<rank>.json         a streamed shard's position, per process (streaming only)
   trainer_state.json       step, data position (epoch, batches consumed), fingerprint, history
 
 A checkpoint is written into a hidden temp folder and renamed into place only when complete,
@@ -84,8 +85,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict[str, Any], output_dir: str | Path,
-                    keep: int) -> Path:
-    """Write checkpoint `step-<state['step']>` atomically on all processes; return its path."""
+                    keep: int, process_state: dict[str, Any] | None = None) -> Path:
+    """Write checkpoint `step-<state['step']>` atomically on all processes; return its path.
+
+    `process_state`: this process's own data position (streamed shards differ per process).
+    """
     root = checkpoint_root(output_dir)
     final = root / f"step-{state['step']:06d}"
     tmp = root / f".tmp-{final.name}"
@@ -95,6 +99,8 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict[str, A
     accelerator.wait_for_everyone()
     # Every process saves its own RNG streams; the weights and optimizer are replicated (DDP).
     torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    if process_state is not None:
+        (tmp / f"data-{accelerator.process_index}.json").write_text(json.dumps(process_state))
     if accelerator.is_main_process:
         save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -152,4 +158,6 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path, finger
     if accelerator.scaler is not None and (path / "scaler.pt").exists():
         accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
     _set_rng_state(torch.load(path / f"rng-{accelerator.process_index}.pt", weights_only=True))
+    data_state = path / f"data-{accelerator.process_index}.json"
+    state["process_state"] = json.loads(data_state.read_text()) if data_state.is_file() else None
     return state

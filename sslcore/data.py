@@ -8,11 +8,12 @@ has to be carried, and skipping to a position needs no replay of earlier batches
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, IterableDataset, Sampler
 
 _MASK64 = (1 << 63) - 1
 
@@ -82,3 +83,43 @@ class SeededCollator:
     def __call__(self, items: list[tuple[dict[str, Any], int]]) -> dict[str, torch.Tensor]:
         rows, seeds = zip(*items)
         return self.collate(list(rows), list(seeds))
+
+
+class SeededIterable(IterableDataset):
+    """Streams `(row, example seed)` from one process's shard of a `datasets.IterableDataset`.
+
+    Keeps the exact position (examples yielded this epoch) and the dataset's own `state_dict`,
+    so a resume continues at the next example without reading the skipped ones again.
+    (Exact as long as the stream has no shuffle buffer: datasets does not checkpoint buffers.)
+    """
+
+    def __init__(self, dataset: Any, seed: int, rank: int):
+        self.dataset, self.seed, self.rank = dataset, seed, rank
+        self.epoch, self.position = 0, 0
+        self._resume_from: dict | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.position, self._resume_from = epoch, 0, None
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[dict[str, Any], int]]:
+        source = self.dataset
+        if self._resume_from is not None:
+            # Resume on a copy: a loaded state would otherwise apply to every later epoch too.
+            source = copy.deepcopy(self.dataset)
+            source.load_state_dict(self._resume_from)
+            self._resume_from = None
+        self._live = source
+        for row in source:
+            index = (self.rank << 40) | self.position  # distinct per rank, so seeds never collide
+            self.position += 1
+            yield row, example_seed(self.seed, self.epoch, index)
+
+    def state_dict(self) -> dict[str, Any]:
+        live = getattr(self, "_live", self.dataset)
+        return {"epoch": self.epoch, "position": self.position, "dataset": live.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.position, self._resume_from = state["epoch"], state["position"], state["dataset"]

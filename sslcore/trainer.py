@@ -18,16 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, send_to_device, set_seed
+from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from sslcore.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from sslcore.config import to_dict
-from sslcore.data import EpochSampler, SeededCollator, SeededDataset
+from sslcore.data import EpochSampler, SeededCollator, SeededDataset, SeededIterable
 from sslcore.objective import Objective
 from sslcore.run_config import TrainConfig
 
@@ -122,8 +124,10 @@ class Trainer:
         """Set by a callback (early stopping) to end training after the current step."""
 
     # -- building -------------------------------------------------------------------------
-    def _train_loader(self) -> tuple[DataLoader, EpochSampler]:
+    def _train_loader(self) -> tuple[DataLoader, EpochSampler | SeededIterable]:
         dataset = self.objective.train_dataset()
+        if isinstance(dataset, datasets.IterableDataset):
+            return self._stream_loader(dataset)
         sampler = EpochSampler(len(dataset), seed=self.args.seed, shuffle=True)
         loader = DataLoader(
             SeededDataset(dataset, self.args.seed), batch_size=self.args.per_device_batch_size,
@@ -140,6 +144,19 @@ class Trainer:
                 "smaller train.per_device_batch_size"
             )
         return loader, sampler
+
+    def _stream_loader(self, dataset: datasets.IterableDataset) -> tuple[DataLoader, SeededIterable]:
+        """A streamed corpus: each process reads its own shard (`split_dataset_by_node`).
+
+        Not passed to `accelerator.prepare` (which would make every process read everything and
+        keep one batch in N); no workers, so the recorded position is exactly what was consumed.
+        """
+        acc = self.accelerator
+        shard = split_dataset_by_node(dataset, rank=acc.process_index, world_size=acc.num_processes)
+        stream = SeededIterable(shard, self.args.seed, acc.process_index)
+        loader = DataLoader(stream, batch_size=self.args.per_device_batch_size, drop_last=True,
+                            collate_fn=SeededCollator(self.objective.collate))
+        return loader, stream
 
     def _eval_loader(self) -> DataLoader | None:
         dataset = self.objective.eval_dataset()
@@ -172,7 +189,10 @@ class Trainer:
         optimizer, scheduler = self._optimizer_and_schedule(model)
         # The scheduler is stepped by hand once per optimizer step: prepared schedulers step once
         # per process, which would make the LR depend on the process count.
-        model, optimizer, train_loader = acc.prepare(model, optimizer, train_loader)
+        streaming = isinstance(sampler, SeededIterable)
+        model, optimizer = acc.prepare(model, optimizer)
+        if not streaming:
+            train_loader = acc.prepare(train_loader)
         eval_loader = self._eval_loader()
         self.model = model
 
@@ -184,6 +204,8 @@ class Trainer:
             start_state = load_checkpoint(acc, model, optimizer, scheduler, resume_path, self.objective.fingerprint())
             step, epoch, batches_done = start_state["step"], start_state["epoch"], start_state["batches_in_epoch"]
             self.history = start_state.get("history", [])
+            if streaming:
+                sampler.load_state_dict(start_state["process_state"])
             logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, step, epoch, batches_done)
 
         if acc.is_main_process:
@@ -206,11 +228,15 @@ class Trainer:
         skipped_in_a_row, last_loss, eval_logs = 0, float("nan"), {}
         model.train()
         while step < args.max_steps and not self.should_stop:
-            loader = acc.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
-            # Accelerate's loaders re-apply their own epoch counter when iterated: set it there, or a
-            # resumed (new) loader would replay epoch 0's order.
-            loader.set_epoch(epoch)
             sampler.set_epoch(epoch)
+            if streaming:  # the stream itself knows its position; batches go to the device by hand
+                loader = (send_to_device(batch, acc.device) for batch in train_loader)
+            else:
+                loader = acc.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
+                # Accelerate's loaders re-apply their own epoch counter when iterated: set it there,
+                # or a resumed (new) loader would replay epoch 0's order.
+                loader.set_epoch(epoch)
+            batches_at_epoch_start = batches_done
             for batch in loader:
                 batches_done += 1
                 with acc.accumulate(model):
@@ -243,10 +269,14 @@ class Trainer:
                 if eval_loader is not None and args.eval_every and step % args.eval_every == 0:
                     eval_logs = self.evaluate(eval_loader, step)
                 if (args.save_every and step % args.save_every == 0) or step == args.max_steps or self.should_stop:
-                    self._save(model, optimizer, scheduler, step, epoch, batches_done)
+                    self._save(model, optimizer, scheduler, step, epoch, batches_done,
+                               sampler.state_dict() if streaming else None)
                 if step >= args.max_steps or self.should_stop:
                     break
             else:  # the epoch ran out
+                if batches_done == batches_at_epoch_start == 0:
+                    raise ValueError(f"the training data gave no full batch of {args.per_device_batch_size} on process "
+                                     f"{acc.process_index}; add data or lower train.per_device_batch_size")
                 epoch, batches_done = epoch + 1, 0
         bar.close()
         if eval_loader is not None and not (args.eval_every and step % args.eval_every == 0):
@@ -329,12 +359,13 @@ class Trainer:
             acc.log({k.replace("eval_", "eval/"): v for k, v in results.items()}, step=step)
         return results
 
-    def _save(self, model, optimizer, scheduler, step: int, epoch: int, batches_done: int) -> None:
+    def _save(self, model, optimizer, scheduler, step: int, epoch: int, batches_done: int,
+              process_state: dict | None) -> None:
         state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_done,
                  "num_processes": self.accelerator.num_processes, "objective": self.objective.name,
                  "fingerprint": self.objective.fingerprint(), "history": self.history}
         path = save_checkpoint(self.accelerator, model, optimizer, scheduler, state, self.output_dir,
-                               self.args.keep_checkpoints)
+                               self.args.keep_checkpoints, process_state)
         logger.info("checkpoint written: %s", path)
 
     def _finish(self, model, step: int, last_loss: float, eval_logs: dict[str, float]) -> TrainResult:
