@@ -1,0 +1,16 @@
+"""`evaluate` module: accuracy computed offline (same arguments and outputs as the Hub's `accuracy`).
+
+    evaluate.load(textssl.metrics.local_module_path("accuracy"))
+"""
+
+import evaluate
+
+from textssl.metrics import accuracy, module_info
+
+
+class Accuracy(evaluate.Metric):
+    def _info(self):
+        return module_info("accuracy")
+
+    def _compute(self, predictions, references, **kwargs):
+        return accuracy(predictions, references, **kwargs)

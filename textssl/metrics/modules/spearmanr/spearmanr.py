@@ -1,0 +1,16 @@
+"""`evaluate` module: spearmanr computed offline (same arguments and outputs as the Hub's `spearmanr`).
+
+    evaluate.load(textssl.metrics.local_module_path("spearmanr"))
+"""
+
+import evaluate
+
+from textssl.metrics import module_info, spearmanr
+
+
+class Spearmanr(evaluate.Metric):
+    def _info(self):
+        return module_info("spearmanr")
+
+    def _compute(self, predictions, references, **kwargs):
+        return spearmanr(predictions, references, **kwargs)
