@@ -135,3 +135,35 @@ def test_mlm_loss_falls_well_below_uniform_on_the_demo_corpus(cache_dir, tmp_pat
     assert result.final_loss < math.log(vocab) - 2.0, result.final_loss
     assert result.eval["eval_loss"] < math.log(vocab) - 2.0
     assert result.eval["eval_mlm_accuracy"] > 0.1
+
+
+def test_streamed_corpus_trains_without_materialising_it(cache_dir, tmp_path):
+    result = pretrain(CONFIG, tiny(cache_dir, tmp_path, **{
+        "data.corpus.streaming": "true", "data.corpus.sources": "[gensim-lee]", "train.max_steps": 6,
+        "train.save_every": 3, "data.max_eval_examples": 16}))
+    assert result.step == 6 and math.isfinite(result.final_loss)
+    assert (tmp_path / "checkpoints" / "step-000006" / "data-0.json").is_file()  # the stream's position
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"", "empty"),
+    (b"caf\xe9 au lait\n\nna\xefve text\n", "UTF-8"),
+])
+def test_bad_corpus_files_fail_early_with_a_clear_error(cache_dir, tmp_path, content, fragment):
+    from textssl.corpus import CorpusError
+
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(content)
+    with pytest.raises(CorpusError) as error:
+        pretrain(CONFIG, tiny(str(tmp_path / "cache"), tmp_path / "run", **{"data.corpus.sources": f"[{path}]"}))
+    assert fragment.lower() in str(error.value).lower() and str(path) in str(error.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # failed before anything was written
+
+
+def test_a_corpus_smaller_than_one_block_is_a_clear_error(tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text("one short document.\n\nand another one.\n")
+    with pytest.raises(ValueError, match="max_seq_length"):
+        pretrain(CONFIG, tiny(str(tmp_path / "cache"), tmp_path / "run", **{
+            "data.corpus.sources": f"[{path}]", "tokenizer.vocab_size": 100, "tokenizer.min_frequency": 1}))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +29,34 @@ class TextDataConfig:
     """Tokens per training sequence (blocks are packed full, no padding)."""
     num_proc: int = 2
     """Processes for tokenization and packing (`datasets.map(num_proc=...)`)."""
+    max_eval_examples: int = 2000
+    """Cap on held-out sequences taken from a streamed corpus for the eval loss."""
 
 
 def load_text(data: TextDataConfig, tokenizer_config: TokenizerConfig
               ) -> tuple[datasets.DatasetDict, PreTrainedTokenizerFast]:
-    """The corpus (train/validation documents) and its tokenizer, both cached on disk."""
-    if data.corpus.streaming:
-        raise ValueError("this objective packs a map-style dataset; set data.corpus.streaming=false "
-                         "(packed blocks are memory-mapped from disk, so large corpora still fit)")
+    """The corpus (train/validation documents) and its tokenizer, both cached on disk.
+
+    With `data.corpus.streaming` the splits are `IterableDataset`s read lazily.
+    """
     corpus = load_corpus(data.corpus)
     tokenizer = tokenizer_for_corpus(corpus["train"], tokenizer_config, data.corpus.cache_dir,
-                                     model_max_length=data.max_seq_length)
+                                     model_max_length=data.max_seq_length,
+                                     corpus_key=json.dumps(asdict(data.corpus), sort_keys=True))
     return corpus, tokenizer
+
+
+def materialize(split: datasets.Dataset | datasets.IterableDataset, limit: int) -> datasets.Dataset:
+    """A map-style dataset of at most `limit` rows (eval sets of a streamed corpus)."""
+    if isinstance(split, datasets.Dataset):
+        return split
+    return datasets.Dataset.from_list(list(split.take(limit)))
 
 
 def describe_corpus(data: TextDataConfig, corpus: datasets.DatasetDict) -> str:
     """One paragraph for model cards: sources and sizes."""
-    docs = {name: len(split) for name, split in corpus.items()}
+    docs = {name: len(split) if isinstance(split, datasets.Dataset) else "streamed"
+            for name, split in corpus.items()}
     return (f"Sources: {', '.join(data.corpus.sources)} (built offline by `textssl.corpus`); "
             f"{docs.get('train', 0)} training documents, {docs.get('validation', 0)} held out; "
             f"sequences of {data.max_seq_length} tokens.")

@@ -6,16 +6,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BertConfig, BertForMaskedLM
+from transformers import BertConfig, BertForMaskedLM, BertModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.bert.modeling_bert import BertLayer, eager_attention_forward
 
 from sslcore.data import generator_for
 from sslcore.objective import Objective
 from sslcore.registry import register_objective
 from sslcore.run_config import RunConfig
-from textssl.data import TextDataConfig, describe_corpus, export_text_model, load_text
+from textssl.data import TextDataConfig, describe_corpus, export_text_model, load_text, materialize
 from textssl.masking import IGNORE_INDEX, MaskingConfig, mask_tokens
 from textssl.packing import pack_for_bert
 from textssl.tokenizer import TokenizerConfig, word_start_table
@@ -60,23 +63,63 @@ class MLMConfig(RunConfig):
 
 
 class MaskedPositionsHead(nn.Module):
-    """Wraps a `*ForMaskedLM` model so the vocab projection runs only where labels are set.
+    """Wraps a `*ForMaskedLM` model so the work after the encoder runs only where labels are set.
 
     The projection onto the vocabulary is most of the compute of a small BERT; scoring the 15%
     masked positions instead of all of them is where most of our speed over `run_mlm.py` comes
-    from. Kept inside `forward` so DDP sees (and syncs) every parameter that gets a gradient.
+    from. For BERT the last layer is cut the same way: every position still serves as a key and
+    value, but queries, the attention output and the feed-forward block run only at the masked
+    positions, because nothing else reaches the loss (same outputs and gradients as the full
+    layer). Kept inside `forward` so DDP sees (and syncs) every parameter that gets a gradient.
     """
 
     def __init__(self, model: BertForMaskedLM):
         super().__init__()
         self.model = model
+        config = model.config
+        self.prunes_last_layer = (isinstance(model.base_model, BertModel) and not config.is_decoder
+                                  and not config.add_cross_attention)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        selected = labels != IGNORE_INDEX
+        # Padded batches take the full path: the last-layer cut is written for blocks without padding.
+        if self.prunes_last_layer and attention_mask is None and bool(selected.any()):
+            bert = self.model.base_model
+            hidden = bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+            *first_layers, last_layer = bert.encoder.layer
+            for layer in first_layers:
+                hidden = layer(hidden, None)
+            return self.model.cls(bert_layer_at(last_layer, hidden, selected)), labels[selected]
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                        token_type_ids=token_type_ids).last_hidden_state
-        selected = labels != IGNORE_INDEX
         return self.model.cls(hidden[selected]), labels[selected]
+
+
+def bert_layer_at(layer: BertLayer, hidden: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """`layer(hidden)[selected]` (unpadded self-attention) computed only at the selected positions.
+
+    Keys and values come from every position; each row's selected positions become its queries,
+    padded to the longest row so attention stays one batched call through the model's own
+    attention function (SDPA, eager...), with its dropout.
+    """
+    attention = layer.attention.self
+    batch, length, width = hidden.shape
+    counts = selected.sum(1)
+    slots = int(counts.max())
+    # A stable sort puts each row's selected positions first, in order: row-major like hidden[selected].
+    positions = torch.argsort((~selected).to(torch.uint8), dim=1, stable=True)[:, :slots]
+    filled = torch.arange(slots, device=hidden.device) < counts[:, None]
+    residual = hidden.gather(1, positions[..., None].expand(-1, -1, width))
+    heads = (batch, -1, attention.num_attention_heads, attention.attention_head_size)
+    query = attention.query(residual).view(heads).transpose(1, 2)
+    key = attention.key(hidden).view(heads).transpose(1, 2)
+    value = attention.value(hidden).view(heads).transpose(1, 2)
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
+    context, _ = attend(attention, query, key, value, None, scaling=attention.scaling,
+                        dropout=attention.dropout.p if attention.training else 0.0)
+    attended = layer.attention.output(context.reshape(batch, slots, -1), residual)
+    return layer.feed_forward_chunk(attended)[filled]
 
 
 def mlm_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -100,7 +143,9 @@ class MaskedLMObjective(Objective):
         self.corpus, self.tokenizer = load_text(data, self.config.tokenizer)
         self.blocks = {split: pack_for_bert(docs, self.tokenizer, data.max_seq_length, data.num_proc)
                        for split, docs in self.corpus.items()}
-        if len(self.blocks["train"]) == 0:
+        if "validation" in self.blocks:
+            self.blocks["validation"] = materialize(self.blocks["validation"], data.max_eval_examples)
+        if isinstance(self.blocks["train"], datasets.Dataset) and len(self.blocks["train"]) == 0:
             raise ValueError(f"the corpus gave no block of {data.max_seq_length} tokens; "
                              "add documents or lower data.max_seq_length")
         self.blocks = {split: ds.with_format("torch") for split, ds in self.blocks.items()}

@@ -56,7 +56,13 @@ class _Pack:
 
 def tokenize_documents(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerFast, num_proc: int = 1,
                        text_column: str = "text") -> datasets.Dataset:
-    """Add `input_ids` (no special tokens) to every document; cached by tokenizer and corpus."""
+    """Add `input_ids` (no special tokens) to every document; cached by tokenizer and corpus.
+
+    A streamed (`IterableDataset`) corpus is tokenized lazily as it is read.
+    """
+    if isinstance(dataset, datasets.IterableDataset):  # keep only the ids: the packer regroups rows
+        return dataset.map(_Tokenize(tokenizer, text_column), batched=True, batch_size=256,
+                           remove_columns=list(dataset.column_names or []))
     fingerprint = _fingerprint("tokenize", dataset._fingerprint, tokenizer_fingerprint(tokenizer), text_column)
     return dataset.map(_Tokenize(tokenizer, text_column), batched=True, batch_size=256,
                        num_proc=num_proc if len(dataset) > 256 else None, new_fingerprint=fingerprint,
@@ -67,9 +73,12 @@ def pack_blocks(tokenized: datasets.Dataset, block_size: int, separator: int, pr
                 suffix: list[int] | None = None, num_proc: int = 1) -> datasets.Dataset:
     """Rows of `input_ids` -> rows of exactly `block_size` ids (int32 on disk)."""
     prefix, suffix = prefix or [], suffix or []
+    pack = _Pack(block_size, separator, prefix, suffix)
+    if isinstance(tokenized, datasets.IterableDataset):
+        return tokenized.map(pack, batched=True, batch_size=1000)
     fingerprint = _fingerprint("pack", tokenized._fingerprint, block_size, separator, prefix, suffix)
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
-    return tokenized.map(_Pack(block_size, separator, prefix, suffix), batched=True, batch_size=1000,
+    return tokenized.map(pack, batched=True, batch_size=1000,
                          remove_columns=tokenized.column_names, features=features, new_fingerprint=fingerprint,
                          num_proc=num_proc if len(tokenized) > 1000 else None, desc=f"packing into {block_size}")
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+import datasets
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -39,6 +40,8 @@ class TokenizerConfig:
     """A merge/piece must be seen this often to enter the vocabulary."""
     path: str | None = None
     """Load this tokenizer (folder or Hub id) instead of training one."""
+    max_training_documents: int = 100_000
+    """With a streamed corpus, train on its first this-many documents."""
 
 
 SPECIAL_TOKENS = {
@@ -106,16 +109,26 @@ def train_tokenizer(texts: Iterator[list[str]] | list[str], config: TokenizerCon
 
 
 def tokenizer_for_corpus(corpus_train, config: TokenizerConfig, cache_dir: str | Path,
-                         model_max_length: int = 512) -> PreTrainedTokenizerFast:
-    """The tokenizer of `config` for a corpus split (a `datasets.Dataset` with `text`), cached."""
+                         model_max_length: int = 512, corpus_key: str | None = None) -> PreTrainedTokenizerFast:
+    """The tokenizer of `config` for a corpus split with a `text` column, cached on disk.
+
+    A streamed split trains on its first `config.max_training_documents` documents; pass
+    `corpus_key` (what identifies the stream) since it has no fingerprint of its own.
+    """
     if config.path:
         return AutoTokenizer.from_pretrained(config.path)
-    key = hashlib.sha256(json.dumps([TOKENIZER_VERSION, asdict(config), corpus_train._fingerprint,
+    streamed = isinstance(corpus_train, datasets.IterableDataset)
+    identity = corpus_key if streamed else corpus_train._fingerprint
+    key = hashlib.sha256(json.dumps([TOKENIZER_VERSION, asdict(config), identity,
                                      model_max_length]).encode()).hexdigest()[:16]
     out_dir = Path(cache_dir).expanduser() / "tokenizers" / f"{config.kind}-{config.vocab_size}-{key}"
     if (out_dir / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+    if streamed:
+        sample = corpus_train.take(config.max_training_documents)
+        return train_tokenizer((row["text"] for row in sample), config, out_dir, model_max_length)
 
     def batches() -> Iterator[list[str]]:
         for start in range(0, len(corpus_train), 1000):
