@@ -17,7 +17,7 @@ from transformers.models.bert.modeling_bert import BertLayer, eager_attention_fo
 from sslcore.data import generator_for
 from sslcore.objective import Objective
 from sslcore.registry import register_objective
-from sslcore.run_config import RunConfig
+from sslcore.run_config import RunConfig, TrainConfig
 from textssl.data import TextDataConfig, describe_corpus, export_text_model, load_text, materialize
 from textssl.masking import IGNORE_INDEX, MaskingConfig, mask_tokens
 from textssl.packing import pack_for_bert
@@ -178,6 +178,12 @@ class MaskedLMObjective(Objective):
         config = BertConfig(vocab_size=len(self.tokenizer), pad_token_id=self.tokenizer.pad_token_id,
                             type_vocab_size=2, **vars(self.config.model))
         return MaskedPositionsHead(BertForMaskedLM(config))
+
+    def build_optimizer(self, model: nn.Module, args: TrainConfig) -> torch.optim.Optimizer:
+        """AdamW over `parameter_groups`, fused: one kernel per tensor. The unfused CPU step makes a
+        pass over memory per operation and costs ~100 ms a step at the tiny size (fused: ~2 ms)."""
+        return torch.optim.AdamW(self.parameter_groups(model, args.weight_decay), lr=args.learning_rate,
+                                 betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, fused=True)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         logits, targets = model(**batch)
