@@ -21,6 +21,7 @@ from typing import Any
 import datasets
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, send_to_device, set_seed
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
@@ -110,6 +111,10 @@ class Trainer:
         self.args: TrainConfig = objective.config.train
         self.callbacks = list(callbacks or [])
         self.output_dir = Path(self.args.output_dir)
+        if accelerator is None:
+            # Accelerate keeps precision/accumulation settings in a process-wide singleton; a second
+            # run in the same process (a notebook) must not inherit the first one's.
+            AcceleratorState._reset_state()
         self.accelerator = accelerator or Accelerator(
             cpu=_multi_process_without_gpu(),
             gradient_accumulation_steps=self.args.gradient_accumulation_steps,

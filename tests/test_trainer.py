@@ -204,3 +204,10 @@ def test_streaming_dataset_trains_and_resumes_exactly(tmp_path):
     a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))["weight"]
     b = load_file(str(tmp_path / "part" / "model" / "model.safetensors"))["weight"]
     assert torch.equal(a, b)
+
+
+def test_mixed_precision_then_full_precision_in_one_process(tmp_path):
+    bf16, _ = fit(tmp_path / "bf16", mixed_precision="bf16", max_steps=10, export=False)
+    assert bf16.final_loss < bf16.history[0]["loss"]
+    full, _ = fit(tmp_path / "fp32", mixed_precision="no", max_steps=10, export=False)  # no leftover state
+    assert full.final_loss < full.history[0]["loss"]
