@@ -1,0 +1,347 @@
+"""Masked-LM throughput: our trainer against the way transformers' `run_mlm.py` trains, in one run.
+
+    python benchmarks/mlm_throughput.py [--steps 60] [--repeats 3] [--skip-steps 10]
+        [--config recipes/configs/bert_mlm_tiny.yaml] [--section.key VALUE ...]
+
+Both sides train the same `BertForMaskedLM` (same `BertConfig`, same seeded init) on the same
+corpus and tokenizer, with the same batch, optimiser settings, LR schedule and number of steps:
+
+(a) ours: `sslcore.trainer.Trainer` with the `bert_mlm` objective on blocks from
+    `textssl.packing.pack_for_bert`, token-level masking (`masking.whole_word` forced to false,
+    because run_mlm masks single tokens).
+(b) run_mlm: `transformers.Trainer` + `TrainingArguments` + `DataCollatorForLanguageModeling
+    (mlm_probability=0.15)`, data tokenized the example script's way
+    (`tokenizer(text, return_special_tokens_mask=True)`, then its `group_texts`).
+
+What is timed, identically on both sides: the wall time from the end of optimizer step
+`skip_steps` to the end of step `skip_steps + steps` (a timestamp taken after every optimizer
+step: a step hook on ours, `TrainerCallback.on_step_end` on theirs). It covers data loading,
+collation/masking, forward, backward, clipping, the optimizer, the LR schedule and per-step
+logging; model building, data preparation, the final checkpoint and eval are outside it.
+tokens/s = steps x global batch x sequence length / that time (blocks are full: no padding).
+The loss each side reports is the mean training loss of the last 10 steps (both log every 10).
+Repeats alternate which side runs first; repeat r uses seed `train.seed + r` on both sides.
+The device is whatever Accelerate / `transformers.Trainer` pick (a GPU when there is one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is built locally
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import datasets  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForMaskedLM,
+    DataCollatorForLanguageModeling,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+import textssl  # noqa: E402,F401  (registers bert_mlm)
+from sslcore import config as cfg  # noqa: E402
+from sslcore.api import build_config  # noqa: E402
+from sslcore.trainer import Trainer  # noqa: E402
+from textssl.data import load_text  # noqa: E402
+from textssl.mlm import MaskedLMObjective, MLMConfig  # noqa: E402
+
+DEFAULT_CONFIG = "recipes/configs/bert_mlm_tiny.yaml"
+DEFAULT_RESULTS = Path(__file__).parent / "results" / "mlm_throughput.md"
+LOSS_WINDOW = 10
+"""Both trainers log the mean loss of the last LOSS_WINDOW steps; the last such log is compared."""
+
+# Keys this benchmark sets itself (timing and fairness); overriding them would break the comparison.
+_OWNED_KEYS = {
+    "train.max_steps": "use --steps / --skip-steps",
+    "train.log_every": f"both sides log every {LOSS_WINDOW} steps so their losses compare",
+    "train.save_every": "periodic checkpoints would be timed on our side only",
+    "train.eval_every": "periodic eval would be timed on our side only",
+    "train.export": "the export is not part of training",
+    "train.progress_bar": "the bar is off on both sides",
+    "train.report_to": "trackers are off on both sides",
+    "train.output_dir": "runs go to a temporary folder",
+    "train.resume": "both sides start from scratch",
+    "masking.whole_word": "run_mlm masks single tokens, so ours must too for the losses to compare",
+}
+_HF_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup",
+                 "inverse_sqrt": "inverse_sqrt"}
+
+
+# -- timing -----------------------------------------------------------------------------------
+class StepClock:
+    """Timestamps taken at the end of every optimizer step."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def tick(self) -> None:
+        if torch.cuda.is_available():  # queued GPU work belongs to the step that queued it
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+
+    def seconds(self, skip_steps: int, steps: int) -> float:
+        """Time from the end of step `skip_steps` to the end of step `skip_steps + steps`."""
+        self._check(skip_steps, steps)
+        # stamps[k] is the end of step k + 1; the first timed step starts where step skip_steps ends.
+        return self.stamps[skip_steps + steps - 1] - self.stamps[skip_steps - 1]
+
+    def median_step(self, skip_steps: int, steps: int) -> float:
+        """Median duration of the timed steps: robust to bursts of load from other processes."""
+        self._check(skip_steps, steps)
+        timed = self.stamps[skip_steps - 1:skip_steps + steps]
+        return statistics.median(b - a for a, b in zip(timed, timed[1:]))
+
+    def _check(self, skip_steps: int, steps: int) -> None:
+        if len(self.stamps) < skip_steps + steps:
+            raise RuntimeError(f"only {len(self.stamps)} steps were timed, expected {skip_steps + steps}: "
+                               "the run stopped early (too little data for the requested steps?)")
+
+
+class _ClockCallback(TrainerCallback):
+    """transformers side: a timestamp after each optimizer step (before its logging, as on ours)."""
+
+    def __init__(self, clock: StepClock):
+        self.clock = clock
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.clock.tick()
+
+
+class _ClockedMaskedLM(MaskedLMObjective):
+    """`bert_mlm` unchanged except for one extra step hook that takes the timestamp."""
+
+    def __init__(self, config: MLMConfig, clock: StepClock):
+        super().__init__(config)
+        self.clock = clock
+
+    def step_hooks(self):
+        return [*super().step_hooks(), lambda model, step: self.clock.tick()]
+
+
+@dataclass
+class RunResult:
+    side: str
+    repeat: int
+    seed: int
+    tokens_per_s: float
+    median_step_s: float
+    final_loss: float
+
+
+# -- configuration ---------------------------------------------------------------------------
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        description="Tokens/s and final loss of our bert_mlm trainer vs transformers' run_mlm.py way, "
+                    "in one run. Extra --section.key VALUE arguments override the config.",
+        allow_abbrev=False)
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="bert_mlm YAML preset (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=60, help="timed optimizer steps per run (default: %(default)s)")
+    parser.add_argument("--skip-steps", type=int, default=10,
+                        help="untimed optimizer steps before the timed ones (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per side, order alternating (default: %(default)s)")
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS,
+                        help="markdown file the table is written to (default: %(default)s)")
+    args, overrides = parser.parse_known_args(argv)
+    if args.steps < LOSS_WINDOW or args.skip_steps < 1 or args.repeats < 1:
+        parser.error(f"need --steps >= {LOSS_WINDOW}, --skip-steps >= 1 and --repeats >= 1")
+    if (args.steps + args.skip_steps) % LOSS_WINDOW:
+        parser.error(f"--steps + --skip-steps must be a multiple of {LOSS_WINDOW} so the last logged loss is "
+                     f"the mean of the last {LOSS_WINDOW} steps on both sides; got {args.steps} + {args.skip_steps}")
+    return args, overrides
+
+
+def benchmark_config(path: str, overrides: list[str], max_steps: int) -> MLMConfig:
+    """The preset + the user's overrides + what the benchmark fixes for a fair, quiet comparison."""
+    user = cfg.parse_overrides(overrides) if overrides else {}
+    for dotted, why in _OWNED_KEYS.items():
+        section, key = dotted.split(".")
+        if key in user.get(section, {}):
+            raise cfg.ConfigError(f"--{dotted} is set by the benchmark ({why}); drop it from the command line")
+    fixed = {"masking": {"whole_word": False},
+             "train": {"max_steps": max_steps, "log_every": LOSS_WINDOW, "save_every": 0, "eval_every": 0,
+                       "export": False, "progress_bar": False, "report_to": [], "resume": None}}
+    config = build_config(path, cfg.merge(user, fixed))
+    if config.objective != "bert_mlm":
+        raise cfg.ConfigError(f"{path} trains {config.objective!r}; this benchmark compares bert_mlm configs")
+    if config.train.mixed_precision is None:
+        config.train.mixed_precision = "no"  # pin it: an `accelerate config` default would apply to ours only
+    return config
+
+
+# -- the two sides -----------------------------------------------------------------------------
+def run_ours(config: MLMConfig, seed: int) -> tuple[StepClock, float]:
+    """(step timestamps, mean loss of the last 10 steps) of our trainer."""
+    clock = StepClock()
+    with tempfile.TemporaryDirectory(prefix="mlm-bench-ours-") as out:
+        run_config = cfg.build(MLMConfig, cfg.merge(cfg.to_dict(config), {"train": {"output_dir": out, "seed": seed}}))
+        result = Trainer(_ClockedMaskedLM(run_config, clock)).fit()
+    last = [r for r in result.history if "loss" in r and r["step"] == config.train.max_steps]
+    return clock, last[-1]["loss"]
+
+
+def run_mlm_dataset(corpus_train: datasets.Dataset, tokenizer, max_seq_length: int, num_proc: int) -> datasets.Dataset:
+    """The training set exactly as run_mlm.py builds it (without --line_by_line)."""
+    def tokenize_function(examples):
+        return tokenizer(examples["text"], return_special_tokens_mask=True)
+
+    def group_texts(examples):
+        concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
+        total_length = len(concatenated[list(examples.keys())[0]])
+        total_length = (total_length // max_seq_length) * max_seq_length
+        return {k: [t[i: i + max_seq_length] for i in range(0, total_length, max_seq_length)]
+                for k, t in concatenated.items()}
+
+    tokenized = corpus_train.map(tokenize_function, batched=True, num_proc=num_proc,
+                                 remove_columns=corpus_train.column_names, desc="run_mlm: tokenizing")
+    return tokenized.map(group_texts, batched=True, num_proc=num_proc, desc=f"run_mlm: grouping into {max_seq_length}")
+
+
+def run_reference(config: MLMConfig, seed: int, train_dataset: datasets.Dataset, tokenizer) -> tuple[StepClock, float]:
+    """(step timestamps, mean loss of the last 10 steps) of transformers.Trainer the run_mlm.py way."""
+    t = config.train
+    clock = StepClock()
+    set_seed(seed)  # run_mlm seeds before building the model, so both sides start from the same weights
+    model = BertForMaskedLM(bert_config(config, tokenizer))
+    collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm_probability=config.masking.mlm_probability)
+    with tempfile.TemporaryDirectory(prefix="mlm-bench-run_mlm-") as out:
+        args = TrainingArguments(
+            output_dir=out, seed=seed, max_steps=t.max_steps, per_device_train_batch_size=t.per_device_batch_size,
+            gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
+            weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_epsilon=t.adam_epsilon,
+            max_grad_norm=t.max_grad_norm or 0.0, lr_scheduler_type=_HF_SCHEDULES[t.lr_schedule],
+            warmup_steps=warmup_steps(config), bf16=t.mixed_precision == "bf16", fp16=t.mixed_precision == "fp16",
+            logging_strategy="steps", logging_steps=LOSS_WINDOW, save_strategy="no", eval_strategy="no",
+            report_to="none", dataloader_num_workers=t.num_workers, disable_tqdm=True)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
+                                       data_collator=collator, callbacks=[_ClockCallback(clock)])
+        trainer.train()
+    last = [r for r in trainer.state.log_history if "loss" in r and r["step"] == t.max_steps]
+    return clock, last[-1]["loss"]
+
+
+def bert_config(config: MLMConfig, tokenizer) -> BertConfig:
+    """The same `BertConfig` the bert_mlm objective builds."""
+    return BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, type_vocab_size=2,
+                      **vars(config.model))
+
+
+def warmup_steps(config: MLMConfig) -> int:
+    t = config.train
+    return t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * t.max_steps)
+
+
+# -- report ------------------------------------------------------------------------------------
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA)"
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    return f"CPU {cpu} ({os.cpu_count()} cores), {torch.get_num_threads()} torch threads"
+
+
+def report(results: list[RunResult], args: argparse.Namespace, config: MLMConfig, argv: list[str],
+           tokens_per_step: int) -> str:
+    ours = {r.repeat: r for r in results if r.side == "ours"}
+    ref = {r.repeat: r for r in results if r.side == "run_mlm"}
+    repeats = sorted(ours)
+    ratios = [ours[i].tokens_per_s / ref[i].tokens_per_s for i in repeats]
+    step_ratios = [ref[i].median_step_s / ours[i].median_step_s for i in repeats]
+    med = statistics.median
+    m, t = config.model, config.train
+    lines = [
+        "# Masked-LM throughput: selfsup trainer vs transformers `run_mlm.py`",
+        "",
+        f"Command: `{shlex.join(['python', 'benchmarks/mlm_throughput.py', *argv])}`",
+        "",
+        f"- {datetime.date.today()}, {device_name()}; torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, one process.",
+        f"- BERT {m.num_hidden_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, FFN "
+        f"{m.intermediate_size}, vocab {config.tokenizer.vocab_size} ({config.tokenizer.kind}); sequences of "
+        f"{config.data.max_seq_length}, batch {t.per_device_batch_size} x {t.gradient_accumulation_steps} accumulation "
+        f"= {tokens_per_step} tokens/step; AdamW lr {t.learning_rate:g}, {warmup_steps(config)} warm-up steps, "
+        f"{t.lr_schedule} decay, precision {t.mixed_precision}.",
+        f"- Timed: optimizer steps {args.skip_steps + 1}-{args.skip_steps + args.steps} of {t.max_steps} "
+        "(step end to step end: data, masking, forward, backward, optimizer, logging). tokens/s = timed tokens / "
+        "timed seconds; \"ratio, median step\" compares median step times instead (robust to bursts of load "
+        f"from other processes). Loss: mean training loss of the last {LOSS_WINDOW} steps. Both sides mask "
+        f"single tokens at p={config.masking.mlm_probability:g} (ours: `masking.whole_word false`). Repeat r "
+        f"uses seed {t.seed}+r on both sides; the order alternates.",
+        "",
+        "| repeat | first | ours tokens/s | run_mlm tokens/s | ratio | ratio, median step | ours loss | run_mlm loss |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for k, i in enumerate(repeats):
+        first = "ours" if i % 2 == 0 else "run_mlm"
+        lines.append(f"| {i} | {first} | {ours[i].tokens_per_s:,.0f} | {ref[i].tokens_per_s:,.0f} | "
+                     f"{ratios[k]:.2f}x | {step_ratios[k]:.2f}x | {ours[i].final_loss:.4f} | {ref[i].final_loss:.4f} |")
+    lines.append(f"| **median** | | **{med(r.tokens_per_s for r in ours.values()):,.0f}** | "
+                 f"**{med(r.tokens_per_s for r in ref.values()):,.0f}** | **{med(ratios):.2f}x** | "
+                 f"**{med(step_ratios):.2f}x** | **{med(r.final_loss for r in ours.values()):.4f}** | "
+                 f"**{med(r.final_loss for r in ref.values()):.4f}** |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> str:
+    argv = sys.argv[1:] if argv is None else argv
+    args, overrides = parse_args(argv)
+    try:
+        config = benchmark_config(args.config, overrides, args.skip_steps + args.steps)
+    except cfg.ConfigError as error:
+        sys.exit(f"config error: {error}")
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("sslcore").setLevel(logging.WARNING)  # our per-step log lines would drown the table
+    transformers.logging.set_verbosity_error()  # run_mlm's "sequence longer than max length" warnings
+
+    # The corpus, tokenizer and both datasets are built (or read from cache) before anything is timed.
+    corpus, tokenizer = load_text(config.data, config.tokenizer)
+    reference_train = run_mlm_dataset(corpus["train"], tokenizer, config.data.max_seq_length, config.data.num_proc)
+    t = config.train
+    tokens_per_step = t.per_device_batch_size * t.gradient_accumulation_steps * config.data.max_seq_length
+    if len(reference_train) < t.max_steps * t.per_device_batch_size * t.gradient_accumulation_steps:
+        print(f"note: run_mlm's data holds {len(reference_train)} blocks, fewer than {t.max_steps} steps use; "
+              "both trainers start a new epoch when they run out", file=sys.stderr)
+
+    results: list[RunResult] = []
+    for repeat in range(args.repeats):
+        seed = t.seed + repeat
+        sides = ["ours", "run_mlm"] if repeat % 2 == 0 else ["run_mlm", "ours"]
+        for side in sides:
+            clock, loss = (run_ours(config, seed) if side == "ours"
+                           else run_reference(config, seed, reference_train, tokenizer))
+            result = RunResult(side, repeat, seed, tokens_per_step * args.steps / clock.seconds(args.skip_steps, args.steps),
+                               clock.median_step(args.skip_steps, args.steps), loss)
+            results.append(result)
+            print(f"repeat {repeat} {side:8s}: {result.tokens_per_s:,.0f} tokens/s, median step "
+                  f"{result.median_step_s * 1000:.0f} ms, loss(last {LOSS_WINDOW}) {loss:.4f}", flush=True)
+
+    table = report(results, args, config, argv, tokens_per_step)
+    print("\n" + table)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(table)
+    print(f"written to {args.results}")
+    return table
+
+
+if __name__ == "__main__":
+    main()
