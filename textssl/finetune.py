@@ -1,0 +1,699 @@
+"""Fine-tune and score a pretrained encoder on a labelled task: did pretraining pay off?
+
+    import textssl
+    result = textssl.finetune(model="runs/bert_mlm_tiny/model", task="movie-sentiment", seeds=[0, 1, 2])
+    print(result.summary())          # accuracy 0.71 ± 0.01 over 3 seeds ...
+    result.model_dirs[0]             # a stock AutoModelForSequenceClassification folder
+
+Two protocols, each run once per seed (mean ± std reported):
+
+- ``full``: `AutoModelForSequenceClassification` from the checkpoint, every weight trained by the
+  shared `sslcore.trainer.Trainer` through the `sequence_classification` objective; validation
+  metrics after every `train.eval_every` steps, the best weights kept, early stopping on the
+  task's main metric; the test split is scored once, with the best weights.
+- ``probe``: the encoder frozen; mean-pooled (or [CLS]) hidden states of one layer feed an L2-regularised
+  logistic regression (ridge for regression tasks) fitted by L-BFGS, its strength chosen on
+  validation. Cheap, and the honest measure of what the representation holds.
+
+`model.init: random` builds the same architecture with fresh weights (the scratch baseline) and
+keeps the checkpoint's tokenizer, so both arms see the same input.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import re
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import PartialState
+from accelerate.utils import set_seed
+from huggingface_hub import EvalResult, ModelCard
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    PreTrainedTokenizerBase,
+)
+
+from sslcore import config as cfg
+from sslcore.hub import write_model_card
+from sslcore.objective import Objective
+from sslcore.registry import register_objective
+from sslcore.run_config import RunConfig, TrainConfig
+from textssl.metrics import compute_metrics
+from textssl.tasks import Task, TaskConfig, load_task
+
+logger = logging.getLogger(__name__)
+
+Protocol = Literal["full", "probe"]
+PROTOCOL_NAMES = {"full": "full fine-tuning", "probe": "linear probe (frozen encoder)"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneModelConfig:
+    """The encoder to fine-tune and how to start it."""
+
+    path: str = "runs/bert_mlm_tiny/model"
+    """Pretrained model folder (an exported `output_dir/model`) or Hub id; its tokenizer is used too."""
+    init: Literal["pretrained", "random"] = "pretrained"
+    """pretrained = the weights at `path`; random = the same architecture with fresh weights (the scratch
+    baseline, same tokenizer)."""
+    max_seq_length: int = 128
+    """Longer inputs are truncated to this many tokens."""
+    classifier_dropout: float | None = None
+    """Dropout before the classification head; None = the model config's."""
+    trust_remote_code: bool = False
+    """Allow model code from the Hub repo to run. Off: only architectures transformers ships load."""
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Model selection during full fine-tuning (evaluations happen every `train.eval_every` steps)."""
+
+    metric: str | None = None
+    """Validation metric to select on (higher is better); None = the task's main metric."""
+    patience: int = 5
+    """Stop after this many evaluations without improvement; 0 = never stop early (still keep the best)."""
+    min_delta: float = 0.0
+    """An improvement smaller than this does not reset the patience."""
+
+
+@dataclass
+class ProbeConfig:
+    """The frozen-encoder linear probe."""
+
+    pooling: Literal["mean", "cls"] = "mean"
+    """mean = average of the non-padding tokens' states; cls = the first token's state."""
+    layer: int = -1
+    """Hidden layer to read (-1 = last, 0 = embeddings)."""
+    l2_grid: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
+    """L2 strengths tried (on standardised features); the best on validation is kept."""
+    max_iter: int = 300
+    """L-BFGS iterations per L2 strength."""
+    batch_size: int = 128
+    """Examples per forward pass when extracting features."""
+
+
+@dataclass
+class FinetuneTrainConfig(TrainConfig):
+    """The shared trainer's options with fine-tuning defaults (short runs, frequent validation)."""
+
+    output_dir: str = "runs/finetune"
+    """Parent folder of the runs: one `<protocol>-<init>-seed<N>/` per seed, and the result JSON."""
+    max_steps: int = 1000
+    """Optimizer steps per run at most (early stopping may end it sooner): the budget both arms share."""
+    learning_rate: float = 1e-4
+    """Peak learning rate of AdamW."""
+    warmup_ratio: float = 0.1
+    """Warm-up as a fraction of max_steps."""
+    eval_every: int = 100
+    """Score validation (and apply early stopping) every N steps."""
+    eval_batches: int | None = None
+    """Eval-loss batches per evaluation; None = the whole validation split."""
+    log_every: int = 50
+    """Log loss and throughput every N steps."""
+    keep_checkpoints: int = 1
+    """Checkpoints kept while a run trains (removed at the end unless `keep_checkpoints` is set above)."""
+    report_to: list[str] = field(default_factory=list)
+    """Accelerate trackers; none by default (many short runs)."""
+
+
+@dataclass
+class FinetuneConfig(RunConfig):
+    """Fine-tune (or probe) an encoder on a labelled task over several seeds."""
+
+    objective: str = "sequence_classification"
+    """Registered objective name."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """The labelled data (a built-in task, a `datasets` name or local files)."""
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
+    """Encoder checkpoint and initialisation."""
+    protocol: Literal["full", "probe"] = "full"
+    """full = train every weight (early stopping on validation); probe = frozen encoder + linear classifier."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """One run per seed (init of new weights, data order, dropout); scores are reported as mean ± std."""
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    """Validation-based model selection of the full protocol."""
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    """Options of the probe protocol."""
+    keep_checkpoints: bool = False
+    """Keep each run's training checkpoints (for resume); the exported best model is always kept."""
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    """Trainer options; `seed` and `output_dir` are set per run (`<output_dir>/<protocol>-<init>-seed<N>`)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Data and model
+# --------------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(model: FinetuneModelConfig) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    except OSError as error:
+        raise FileNotFoundError(
+            f"model.path={model.path!r}: no tokenizer could be loaded ({str(error).splitlines()[0][:200]}). Point it at "
+            "an exported model folder (a pretraining run's output_dir/model; make one with `accelerate launch "
+            "recipes/pretrain.py --config recipes/configs/bert_mlm_tiny.yaml`) or a Hub id (needs the network)"
+        ) from error
+    if tokenizer.pad_token is None:  # GPT-2 style tokenizers: pad with end-of-text, masked out anyway
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer of {model.path} has neither a pad nor an eos token; add a pad token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def sequence_limit(model: FinetuneModelConfig, tokenizer: PreTrainedTokenizerBase) -> int:
+    """`model.max_seq_length`, capped by what the checkpoint's position table and tokenizer allow."""
+    limits = [model.max_seq_length]
+    if tokenizer.model_max_length < 1_000_000:  # transformers' "no limit" is a huge sentinel
+        limits.append(tokenizer.model_max_length)
+    positions = getattr(AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code),
+                        "max_position_embeddings", None)
+    if positions:
+        limits.append(positions)
+    if min(limits) < model.max_seq_length:
+        logger.info("model.max_seq_length=%d capped to %d by %s", model.max_seq_length, min(limits), model.path)
+    return min(limits)
+
+
+def encode_task(task: Task, tokenizer: PreTrainedTokenizerBase, max_seq_length: int):
+    """Tokenized splits (input_ids, attention_mask[, token_type_ids], label); padding is per batch."""
+    columns = task.text_columns
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        return tokenizer(*[batch[c] for c in columns], truncation=True, max_length=max_seq_length)
+
+    keep = {"label"}
+    return task.splits.map(tokenize, batched=True, desc="tokenizing",
+                           remove_columns=[c for c in task.splits["train"].column_names if c not in keep])
+
+
+def _label_config(task: Task) -> dict[str, Any]:
+    if task.problem == "regression":
+        return {"num_labels": 1, "problem_type": "regression"}
+    return {"num_labels": task.num_labels, "problem_type": "single_label_classification",
+            "id2label": dict(enumerate(task.label_names)),
+            "label2id": {name: i for i, name in enumerate(task.label_names)}}
+
+
+def build_classifier(model: FinetuneModelConfig, task: Task, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
+    """`AutoModelForSequenceClassification` from the checkpoint, or the same config with fresh weights."""
+    options = _label_config(task)
+    if model.classifier_dropout is not None:
+        options["classifier_dropout"] = model.classifier_dropout
+    options["pad_token_id"] = tokenizer.pad_token_id
+    if model.init == "pretrained":
+        return AutoModelForSequenceClassification.from_pretrained(
+            model.path, trust_remote_code=model.trust_remote_code, **options)
+    config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code, **options)
+    return AutoModelForSequenceClassification.from_config(config, trust_remote_code=model.trust_remote_code)
+
+
+def build_encoder(model: FinetuneModelConfig) -> nn.Module:
+    """The bare encoder (`AutoModel`) for the probe: from the checkpoint or freshly initialised."""
+    if model.init == "pretrained":
+        return AutoModel.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    return AutoModel.from_config(config, trust_remote_code=model.trust_remote_code)
+
+
+def task_scores(task: Task, outputs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The task's metrics from model outputs (logits or regression values) and reference labels."""
+    if task.problem == "regression":
+        return compute_metrics(task.metrics, outputs.reshape(-1), labels)
+    return compute_metrics(task.metrics, outputs.argmax(-1), labels)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset, collator, batch_size: int, accelerator=None) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) over a tokenized split, gathered over processes when an accelerator is given."""
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator, shuffle=False)
+    if accelerator is not None:
+        loader = accelerator.prepare(loader)
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    for batch in loader:
+        batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+        out = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        targets = batch["labels"]
+        if accelerator is not None:
+            out, targets = accelerator.gather_for_metrics((out, targets))
+        logits.append(out.cpu())
+        labels.append(targets.cpu())
+    model.train(was_training)
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+# --------------------------------------------------------------------------------------------------
+# Full fine-tuning: an objective on the shared trainer
+# --------------------------------------------------------------------------------------------------
+
+
+class EarlyStopping:
+    """Trainer callback: score validation, keep the best weights (on CPU), stop after `patience` misses."""
+
+    def __init__(self, objective: SequenceClassificationObjective):
+        self.objective = objective
+        self.options = objective.config.early_stopping
+        self.metric = self.options.metric or objective.task.main_metric
+        if self.metric not in objective.task.metrics:
+            raise ValueError(f"early_stopping.metric={self.metric!r} is not computed for task "
+                             f"{objective.task.name!r}; choose one of {objective.task.metrics}")
+        self.best: dict[str, float] | None = None
+        self.best_step = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.misses = 0
+
+    def __call__(self, trainer, step: int) -> dict[str, float]:
+        objective = self.objective
+        logits, labels = predict(trainer.model, objective.encoded["validation"], objective.collator,
+                                 trainer.args.per_device_batch_size, trainer.accelerator)
+        scores = task_scores(objective.task, logits, labels)
+        value = scores[self.metric]
+        if self.best is None or value > self.best[self.metric] + self.options.min_delta:
+            self.best, self.best_step, self.misses = scores, step, 0
+            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in unwrapped.state_dict().items()}
+        else:
+            self.misses += 1
+            if self.options.patience and self.misses >= self.options.patience:
+                logger.info("early stopping at step %d: validation %s has not improved on %.4f (step %d) for %d "
+                            "evaluations", step, self.metric, self.best[self.metric], self.best_step, self.misses)
+                trainer.should_stop = True
+        return {**{f"eval_{k}": v for k, v in scores.items()}, f"eval_best_{self.metric}": self.best[self.metric]}
+
+    def restore_best(self, model: nn.Module) -> None:
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+
+
+@register_objective
+class SequenceClassificationObjective(Objective):
+    """Supervised fine-tuning of `AutoModelForSequenceClassification` on a task (not a pretext task,
+    but the same trainer: accumulation, clipping, schedules, checkpoints and multi-process come free)."""
+
+    name = "sequence_classification"
+    config_class = FinetuneConfig
+    unit = "samples"
+    config: FinetuneConfig
+
+    def __init__(self, config: FinetuneConfig):
+        super().__init__(config)
+        self.early_stopping: EarlyStopping | None = None
+
+    def prepare(self, accelerator=None) -> None:
+        self.task = load_task(self.config.task)
+        self.tokenizer = load_tokenizer(self.config.model)
+        self.encoded = encode_task(self.task, self.tokenizer, sequence_limit(self.config.model, self.tokenizer))
+        self.collator = DataCollatorWithPadding(self.tokenizer)
+        self.early_stopping = EarlyStopping(self)
+
+    def train_dataset(self):
+        return self.encoded["train"]
+
+    def eval_dataset(self):
+        return self.encoded["validation"]
+
+    def collate(self, examples: list[dict[str, Any]], seeds: list[int]) -> dict[str, torch.Tensor]:
+        # Nothing random here: dropout draws from the torch RNG the trainer seeds with train.seed.
+        return self.collator(examples)
+
+    def build_model(self) -> nn.Module:
+        return build_classifier(self.config.model, self.task, self.tokenizer)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        out = model(**batch)
+        if self.task.problem == "regression":
+            return out.loss, {}
+        return out.loss, {"accuracy": (out.logits.detach().argmax(-1) == batch["labels"]).float().mean()}
+
+    def export(self, model: nn.Module, out_dir: Path, summary: dict[str, Any]) -> Path:
+        """The best validation weights as a stock transformers folder, with a model card."""
+        if self.early_stopping is not None:
+            self.early_stopping.restore_best(model)
+        out_dir = Path(out_dir)
+        model.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+        best = self.early_stopping.best if self.early_stopping else None
+        metrics = {k: v for k, v in summary.items() if isinstance(v, int | float)}
+        if best:
+            metrics.update({f"best_validation_{k}": v for k, v in best.items()})
+            metrics["best_step"] = self.early_stopping.best_step
+        init = "pretrained from" if self.config.model.init == "pretrained" else "randomly initialised like"
+        write_model_card(
+            out_dir, model_name=f"{Path(self.config.model.path).name}-{self.task.name}",
+            summary=f"{type(model).__name__} ({init} `{self.config.model.path}`) fine-tuned on "
+                    f"{self.task.name} (all weights, best validation {self.early_stopping.metric if best else ''} "
+                    f"kept).",
+            config=cfg.to_dict(self.config), training_data=self.task.description, metrics=metrics,
+            pipeline_tag="text-classification", tags=["text-classification", self.task.name],
+            usage=f'from transformers import pipeline\nclassify = pipeline("text-classification", model="{out_dir}")\n'
+                  f'print(classify("{_example_text(self.task)}"))')
+        return out_dir
+
+
+def _example_text(task: Task) -> str:
+    text = task.splits["test"][0]["text"]
+    return re.sub(r'["\\]', "", text)[:80]
+
+
+# --------------------------------------------------------------------------------------------------
+# Linear probe
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, dataset, collator, probe: ProbeConfig) -> torch.Tensor:
+    """Pooled hidden states of `probe.layer` for every example of a tokenized split (float64, on CPU)."""
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    loader = DataLoader(dataset.remove_columns("label"), batch_size=probe.batch_size, collate_fn=collator)
+    pooled = []
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        states = encoder(**batch, output_hidden_states=True).hidden_states[probe.layer]
+        if probe.pooling == "cls":
+            pooled.append(states[:, 0])
+        else:
+            mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+            pooled.append((states * mask).sum(1) / mask.sum(1).clamp(min=1))
+    return torch.cat(pooled).double().cpu()
+
+
+def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int,
+                            init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression: mean cross-entropy + l2/2 ||W||^2, full-batch L-BFGS (deterministic)."""
+    weight = torch.zeros(x.shape[1], num_classes, dtype=x.dtype) if init is None else init[0].clone()
+    bias = torch.zeros(num_classes, dtype=x.dtype) if init is None else init[1].clone()
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
+                                  tolerance_grad=1e-7, tolerance_change=1e-10, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight + bias, y) + 0.5 * l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def fit_ridge(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least squares + l2/2 ||w||^2 per example (closed form), for regression tasks."""
+    mean = y.mean()
+    gram = x.T @ x / len(x) + l2 * torch.eye(x.shape[1], dtype=x.dtype)
+    weight = torch.linalg.solve(gram, x.T @ (y - mean) / len(x))
+    return weight.unsqueeze(1), mean.reshape(1)
+
+
+def run_probe(config: FinetuneConfig, task: Task, encoded, tokenizer, seed: int, out_dir: Path) -> dict[str, Any]:
+    """Frozen features -> linear model, L2 strength chosen on validation; scores and the saved head."""
+    set_seed(seed)  # the random-init encoder (and nothing else here) draws from it
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = build_encoder(config.model).to(device)
+    collator = DataCollatorWithPadding(tokenizer)
+    features = {name: extract_features(encoder, split, collator, config.probe) for name, split in encoded.items()}
+    labels = {name: torch.tensor(split["label"]) for name, split in encoded.items()}
+    # Standardise with train statistics so one L2 grid suits every encoder and layer.
+    mean, std = features["train"].mean(0), features["train"].std(0).clamp(min=1e-6)
+    features = {name: (x - mean) / std for name, x in features.items()}
+    metric = config.early_stopping.metric or task.main_metric
+    best: dict[str, Any] | None = None
+    previous = None
+    for l2 in sorted(config.probe.l2_grid, reverse=True):  # strong to weak, each warm-started from the last
+        if task.problem == "regression":
+            weight, bias = fit_ridge(features["train"], labels["train"].double(), l2)
+        else:
+            weight, bias = fit_logistic_regression(features["train"], labels["train"], task.num_labels, l2,
+                                                   config.probe.max_iter, init=previous)
+            previous = (weight, bias)
+        validation = task_scores(task, (features["validation"] @ weight + bias).numpy(), labels["validation"].numpy())
+        if best is None or validation[metric] > best["validation"][metric]:
+            best = {"l2": l2, "weight": weight, "bias": bias, "validation": validation}
+    assert best is not None
+    test = task_scores(task, (features["test"] @ best["weight"] + best["bias"]).numpy(), labels["test"].numpy())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({"weight": best["weight"].T.float().contiguous(), "bias": best["bias"].float(),
+               "feature_mean": mean.float(), "feature_std": std.float()}, str(out_dir / "probe_head.safetensors"))
+    (out_dir / "probe_head.json").write_text(json.dumps({
+        "encoder": config.model.path, "init": config.model.init, "seed": seed, "pooling": config.probe.pooling,
+        "layer": config.probe.layer, "l2": best["l2"], "labels": task.label_names, "problem": task.problem,
+        "usage": "logits = ((pooled_hidden_state - feature_mean) / feature_std) @ weight.T + bias"}, indent=1))
+    return {"validation": best["validation"], "test": test, "model_dir": str(out_dir), "l2": best["l2"], "steps": 0}
+
+
+# --------------------------------------------------------------------------------------------------
+# The API
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneResult:
+    """Scores of one (model, task, protocol) over seeds, and where each fine-tuned model is."""
+
+    task: str
+    protocol: str
+    model: str
+    init: str
+    seeds: list[int]
+    main_metric: str
+    test: dict[str, list[float]]
+    """Metric -> test score of each seed (in `seeds` order)."""
+    validation: dict[str, list[float]]
+    """Metric -> best validation score of each seed."""
+    model_dirs: list[str]
+    """Per seed: the fine-tuned transformers folder (full) or the probe head folder (probe)."""
+    steps: list[int]
+    """Optimizer steps each full fine-tuning run took (early stopping may end it before max_steps)."""
+    output_dir: str
+    dataset_id: str = ""
+    seconds: float = 0.0
+
+    def mean(self, metric: str | None = None) -> float:
+        return statistics.fmean(self.test[metric or self.main_metric])
+
+    def std(self, metric: str | None = None) -> float:
+        """Sample standard deviation over seeds (0 for a single seed)."""
+        values = self.test[metric or self.main_metric]
+        return statistics.stdev(values) if len(values) > 1 else 0.0
+
+    @property
+    def scores(self) -> dict[str, float]:
+        """Metric -> mean test score over seeds."""
+        return {metric: self.mean(metric) for metric in self.test}
+
+    @property
+    def best_model_dir(self) -> str:
+        """The run with the best validation score on the main metric."""
+        values = self.validation[self.main_metric]
+        return self.model_dirs[max(range(len(values)), key=values.__getitem__)]
+
+    def summary(self) -> str:
+        shown = ", ".join(f"{m} {self.mean(m):.4f} ± {self.std(m):.4f}" for m in self.test)
+        return (f"{self.task} | {PROTOCOL_NAMES[self.protocol]} | {self.init} {self.model} | test {shown} "
+                f"over {len(self.seeds)} seed(s)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "mean": self.scores, "std": {m: self.std(m) for m in self.test}}
+
+
+def _run_dir(config: FinetuneConfig, seed: int) -> Path:
+    return Path(config.train.output_dir) / f"{config.protocol}-{config.model.init}-seed{seed}"
+
+
+def _run_full(config: FinetuneConfig, seed: int, run_dir: Path) -> dict[str, Any]:
+    from sslcore.trainer import Trainer
+
+    run_config = copy.deepcopy(config)
+    run_config.train.seed, run_config.train.output_dir = seed, str(run_dir)
+    objective = SequenceClassificationObjective(run_config)
+    # EarlyStopping needs the task, which exists only once fit() has called prepare(): look it up per call.
+    def validate(trainer, step: int) -> dict[str, float]:
+        return objective.early_stopping(trainer, step)
+
+    trainer = Trainer(objective, callbacks=[validate])
+    fit = trainer.fit()
+    stopper = objective.early_stopping
+    assert stopper is not None
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    stopper.restore_best(model)
+    logits, labels = predict(trainer.model, objective.encoded["test"], objective.collator,
+                             config.train.per_device_batch_size, trainer.accelerator)
+    test = task_scores(objective.task, logits, labels)
+    if not config.keep_checkpoints and trainer.accelerator.is_main_process:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return {"validation": stopper.best or {}, "test": test, "model_dir": str(fit.export_dir or run_dir / "model"),
+            "steps": fit.step, "best_step": stopper.best_step}
+
+
+def build_finetune_config(config: FinetuneConfig | str | Path | None = None,
+                          overrides: dict[str, Any] | list[str] | None = None) -> FinetuneConfig:
+    """Defaults, then a YAML preset (or a config object), then overrides (CLI list or nested dict)."""
+    values = cfg.to_dict(config) if isinstance(config, FinetuneConfig) else cfg.read_yaml(config) if config else {}
+    if overrides:
+        values = cfg.merge(values, cfg.parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    return cfg.build(FinetuneConfig, values)
+
+
+def finetune(model: str | None = None, task: str | TaskConfig | None = None, protocol: Protocol | None = None,
+             seeds: list[int] | None = None, *, init: Literal["pretrained", "random"] | None = None,
+             output_dir: str | None = None, config: FinetuneConfig | str | Path | None = None,
+             overrides: dict[str, Any] | list[str] | None = None) -> FinetuneResult:
+    """Fine-tune `model` on `task` with `protocol` once per seed; test scores as mean ± std.
+
+    `config` (a FinetuneConfig or a YAML preset) and `overrides` (`{"train": {"max_steps": 300}}` or
+    `["--train.max_steps", "300"]`) set everything else; the keyword arguments win over both. Each seed's
+    run lives in `<train.output_dir>/<protocol>-<init>-seed<N>/` with its `scores.json`; a finished
+    run with the same config is reused, not retrained. The fine-tuned models' cards gain their scores.
+    """
+    keywords: dict[str, Any] = {}
+    if model is not None:
+        keywords.setdefault("model", {})["path"] = str(model)
+    if init is not None:
+        keywords.setdefault("model", {})["init"] = init
+    if task is not None:
+        keywords["task"] = cfg.to_dict(task) if isinstance(task, TaskConfig) else {"name": task}
+    if protocol is not None:
+        keywords["protocol"] = protocol
+    if seeds is not None:
+        keywords["seeds"] = list(seeds)
+    if output_dir is not None:
+        keywords["train"] = {"output_dir": str(output_dir)}
+    config = build_finetune_config(config, overrides)
+    config = cfg.build(FinetuneConfig, cfg.merge(cfg.to_dict(config), keywords))
+    if not config.seeds:
+        raise ValueError("seeds is empty; give at least one seed, e.g. seeds=[0]")
+    started = time.perf_counter()
+    state = PartialState()
+    task_data = load_task(config.task)
+    runs = []
+    for seed in config.seeds:
+        run_dir = _run_dir(config, seed)
+        runs.append(_finetune_one(config, task_data, seed, run_dir, state))
+    result = FinetuneResult(
+        task=task_data.name, protocol=config.protocol, model=config.model.path, init=config.model.init,
+        seeds=list(config.seeds), main_metric=config.early_stopping.metric or task_data.main_metric,
+        test={m: [r["test"][m] for r in runs] for m in task_data.metrics},
+        validation={m: [r["validation"].get(m, math.nan) for r in runs] for m in task_data.metrics},
+        model_dirs=[r["model_dir"] for r in runs], steps=[r["steps"] for r in runs],
+        output_dir=config.train.output_dir, dataset_id=task_data.dataset_id,
+        seconds=time.perf_counter() - started)
+    if state.is_main_process:
+        if config.protocol == "full":
+            for model_dir in result.model_dirs:
+                add_scores_to_model_card(model_dir, result)
+        summary_path = Path(config.train.output_dir) / f"{config.protocol}-{config.model.init}-result.json"
+        summary_path.write_text(json.dumps(result.to_dict(), indent=1))
+    logger.info("%s", result.summary())
+    return result
+
+
+def _finetune_one(config: FinetuneConfig, task: Task, seed: int, run_dir: Path, state: PartialState) -> dict:
+    """One seed: reuse its finished scores.json when the config matches, else train (or probe) and write it."""
+    scores_path = run_dir / "scores.json"
+    fingerprint = json.loads(json.dumps({**cfg.to_dict(config), "seed": seed}))
+    fingerprint["train"].pop("output_dir")
+    if scores_path.is_file():
+        saved = json.loads(scores_path.read_text())
+        if saved.get("config") == fingerprint:
+            logger.info("reusing finished run %s", run_dir)
+            return saved
+    run: dict[str, Any] = {}
+    if config.protocol == "full":
+        run = _run_full(config, seed, run_dir)
+    elif state.is_main_process:  # the probe is cheap and deterministic: one process runs it
+        tokenizer = load_tokenizer(config.model)
+        encoded = encode_task(task, tokenizer, sequence_limit(config.model, tokenizer))
+        run = run_probe(config, task, encoded, tokenizer, seed, run_dir / "probe")
+    if state.is_main_process:
+        run["config"] = fingerprint
+        run_dir.mkdir(parents=True, exist_ok=True)
+        scores_path.write_text(json.dumps(run, indent=1))
+    state.wait_for_everyone()
+    return run if run else json.loads(scores_path.read_text())
+
+
+# --------------------------------------------------------------------------------------------------
+# Model cards
+# --------------------------------------------------------------------------------------------------
+
+_RESULTS_SECTION = re.compile(r"\n## Downstream results\n.*?(?=\n## |\Z)", re.DOTALL)
+
+
+def eval_results_for(result: FinetuneResult) -> list[dict[str, Any]]:
+    """model-index entries (huggingface_hub `EvalResult` fields) for a result's mean test scores.
+
+    The protocol goes in the metric's name and `args`: model-index groups results by task and dataset,
+    so it cannot live in the task name.
+    """
+    return [{"task_type": "text-classification", "task_name": result.task, "dataset_type": result.dataset_id or result.task,
+             "dataset_name": result.task, "dataset_split": "test", "metric_type": metric,
+             "metric_value": round(result.mean(metric), 6),
+             "metric_name": f"{metric}, {PROTOCOL_NAMES[result.protocol]} (mean ± {result.std(metric):.4f} over "
+                            f"{len(result.seeds)} seeds)",
+             "metric_args": {"protocol": result.protocol, "init": result.init, "seeds": len(result.seeds),
+                             "std": round(result.std(metric), 6)}}
+            for metric in result.test]
+
+
+def _card_key(entry: EvalResult) -> tuple:
+    return entry.dataset_name, entry.metric_type, (entry.metric_args or {}).get("protocol")
+
+
+def add_scores_to_model_card(model_dir: str | Path, results: FinetuneResult | list[FinetuneResult]) -> Path:
+    """Add downstream test scores to the README.md model card in `model_dir`: model-index metadata (so the
+    Hub shows them) and a "Downstream results" table. Results for the same task, protocol and metric replace
+    older ones; others are kept."""
+    path = Path(model_dir) / "README.md"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; add scores to an exported model folder (output_dir/model)")
+    results = results if isinstance(results, list) else [results]
+    card = ModelCard.load(path)
+    new = [EvalResult(**entry) for result in results for entry in eval_results_for(result)]
+    replaced = {_card_key(entry) for entry in new}
+    card.data.eval_results = [e for e in card.data.eval_results or [] if _card_key(e) not in replaced] + new
+    if not card.data.model_name:
+        card.data.model_name = Path(model_dir).resolve().name
+    rows = "\n".join(f"| {e.dataset_name} | {(e.metric_args or {}).get('protocol', '')} | {e.metric_type} | "
+                     f"{e.metric_value:.4f} | {(e.metric_args or {}).get('std', '')} | {(e.metric_args or {}).get('seeds', '')} |"
+                     for e in card.data.eval_results)
+    section = ("\n## Downstream results\n\nTest split, mean and standard deviation over seeds (`textssl.finetune`; "
+               "full = all weights fine-tuned, probe = frozen encoder + logistic regression).\n\n"
+               f"| task | protocol | metric | mean | std | seeds |\n|---|---|---|---|---|---|\n{rows}\n")
+    text = card.text
+    card.text = (_RESULTS_SECTION.sub(lambda _: section, text, count=1) if _RESULTS_SECTION.search(text)
+                 else text.rstrip("\n") + "\n" + section)
+    card.save(path)
+    return path
+
+
+__all__ = ["EarlyStopping", "FinetuneConfig", "FinetuneModelConfig", "FinetuneResult", "ProbeConfig",
+           "SequenceClassificationObjective", "add_scores_to_model_card", "build_classifier", "build_encoder",
+           "encode_task", "eval_results_for", "extract_features", "finetune", "fit_logistic_regression",
+           "fit_ridge", "predict", "run_probe"]
