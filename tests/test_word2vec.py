@@ -1,0 +1,369 @@
+"""word2vec: sampling statistics, planted neighbours on both backends, export round trip, bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sslcore.api import build_config
+from sslcore.config import ConfigError
+from sslcore.data import generator_for
+from textssl.corpus import CorpusError
+from textssl.word2vec import (
+    NOISE_DOMAIN,
+    Vocabulary,
+    Word2VecConfig,
+    Word2VecDataError,
+    Word2VecModel,
+    Word2VecObjective,
+    _cbow_hidden,
+    context_slots,
+    export_vectors,
+    load_vectors,
+    noise_table,
+    train_word2vec,
+)
+from textssl.word_eval import WordEvalConfig, sentiment_probe
+
+REPO = Path(__file__).resolve().parents[1]
+GROUPS, GROUP_WORDS, FILLERS = 8, 4, 24
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _topic_word(group: int, index: int) -> str:
+    return f"topic{LETTERS[group]}{LETTERS[index]}"
+
+
+def _planted_corpus(path: Path, sentences: int = 3000, seed: int = 0) -> Path:
+    """Sentences that each draw 5 words from one group of 4 "topic" words plus 3 shared fillers: words of a
+    group co-occur, words of different groups only ever meet through fillers."""
+    rng = np.random.default_rng(seed)
+    lines, line = [], []
+    for _ in range(sentences):
+        group = rng.integers(GROUPS)
+        words = [_topic_word(group, i) for i in rng.integers(GROUP_WORDS, size=5)]
+        words += [f"filler{LETTERS[i]}" for i in rng.integers(FILLERS, size=3)]
+        rng.shuffle(words)
+        line.append(" ".join(words) + ".")
+        if len(line) == 10:  # one document (line) of ten sentences
+            lines.append(" ".join(line))
+            line = []
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _config(corpus: Path, cache_dir: str, tmp: Path, **sections) -> Word2VecConfig:
+    values = {
+        "objective": "word2vec", "epochs": 5,
+        "data": {"corpus": {"sources": [str(corpus)], "cache_dir": cache_dir, "validation_fraction": 0.0},
+                 "min_count": 5, "sample": 0.0, "block_words": 250, "num_proc": 1},
+        "model": {"vector_size": 24, "window": 3, "negative": 5},
+        "evaluation": {"analogies": False, "word_similarity": False, "sentiment": "none"},
+        "train": {"output_dir": str(tmp / "run"), "per_device_batch_size": 4, "progress_bar": False,
+                  "report_to": [], "log_every": 10},
+    }
+    for section, updates in sections.items():
+        values[section] = {**values.get(section, {}), **updates} if isinstance(updates, dict) else updates
+    return build_config(overrides=values)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    return _planted_corpus(tmp_path_factory.mktemp("planted") / "planted.txt")
+
+
+@pytest.fixture(scope="module")
+def prepared(planted, cache_dir, tmp_path_factory):
+    """An objective prepared on the planted corpus, with subsampling on (to test it)."""
+    config = _config(planted, cache_dir, tmp_path_factory.mktemp("prepared"), data={"sample": 1e-3})
+    objective = Word2VecObjective(config)
+    objective.prepare()
+    return objective
+
+
+# -- sampling ---------------------------------------------------------------------------------------
+
+
+def test_keep_probabilities_match_gensim(planted, prepared):
+    from gensim.models import Word2Vec
+
+    from textssl.word2vec import tokenize
+
+    sentences = [tokenize(s) for s in planted.read_text().replace(".", ".\n").splitlines() if s.strip()]
+    reference = Word2Vec(min_count=5, sample=1e-3, vector_size=8, workers=1)
+    reference.build_vocab(sentences)
+    vocabulary = prepared.corpus.vocabulary
+    assert sorted(vocabulary.words) == sorted(reference.wv.index_to_key)
+    ours = vocabulary.keep_probabilities(1e-3)
+    theirs = np.array([reference.wv.get_vecattr(w, "sample_int") / (2**32 - 1) for w in vocabulary.words])
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+    assert (ours < 1).any()
+
+
+def test_subsampling_keeps_the_expected_fraction(prepared):
+    blocks = prepared.train_dataset()
+    examples = blocks.__getitems__(list(range(8)))
+    ids = torch.cat([e["ids"] for e in examples]).long()
+    expected = prepared.keep_probability[ids].double()
+    assert (expected < 0.9).all(), "the test needs words that subsampling thins out"
+    trials = 40
+    kept = torch.zeros(len(prepared.corpus.vocabulary), dtype=torch.float64)
+    for trial in range(trials):
+        sampled = prepared.sample_positions(examples, [generator_for(trial * 100 + i) for i in range(8)])
+        kept += torch.bincount(sampled["ids"], minlength=len(kept)).double()
+    offered = torch.bincount(ids, minlength=len(kept)).double() * trials
+    mean = torch.bincount(ids, weights=expected, minlength=len(kept)) * trials
+    std = (torch.bincount(ids, weights=expected * (1 - expected), minlength=len(kept)) * trials).sqrt()
+    seen = offered > 0
+    z = (kept[seen] - mean[seen]) / std[seen]
+    assert z.abs().max() < 4.5, f"kept counts off the binomial expectation: max |z| {z.abs().max():.2f}"
+    total_z = (kept.sum() - mean.sum()) / std.pow(2).sum().sqrt()
+    assert abs(total_z) < 4
+
+
+def test_dynamic_window_shrinks_uniformly():
+    window, n, trials = 5, 400, 300
+    sentence = torch.zeros(n, dtype=torch.long)
+    counts = torch.zeros(2 * window)
+    for trial in range(trials):
+        reduced = torch.randint(0, window, (n,), generator=generator_for(trial))
+        positions, valid = context_slots(sentence, reduced, window)
+        counts += valid[window:-window].float().sum(0)  # positions far from the ends
+    offsets = torch.cat([torch.arange(-window, 0), torch.arange(1, window + 1)])
+    observed = counts / ((n - 2 * window) * trials)
+    expected = (window - offsets.abs() + 1).float() / window  # P(shrunk window >= |offset|)
+    torch.testing.assert_close(observed, expected, atol=0.01, rtol=0)
+    assert torch.equal(positions[7, window:], torch.arange(8, 8 + window))
+
+
+def test_windows_stop_at_sentence_ends_and_only_there():
+    sentence = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2])
+    positions, valid = context_slots(sentence, torch.zeros(8, dtype=torch.long), window=2)
+    pairs = {(int(i), int(positions[i, s])) for i, s in zip(*valid.nonzero(as_tuple=True))}
+    expected = {(i, j) for i in range(8) for j in range(8)
+                if i != j and abs(i - j) <= 2 and sentence[i] == sentence[j]}
+    assert pairs == expected
+
+
+def test_noise_follows_unigram_to_the_three_quarters():
+    counts = np.array([5000, 1200, 300, 80, 20, 5], dtype=np.int64)
+    vocabulary = Vocabulary([f"w{i}" for i in range(len(counts))], counts)
+    probabilities = vocabulary.noise_distribution(0.75)
+    np.testing.assert_allclose(probabilities, counts**0.75 / (counts**0.75).sum())
+    table = noise_table(probabilities)
+    draws = torch.searchsorted(table, torch.randint(0, NOISE_DOMAIN, (200_000,), generator=generator_for(1)),
+                               right=True)
+    observed = torch.bincount(draws, minlength=len(counts)).double().numpy() / len(draws)
+    std = np.sqrt(probabilities * (1 - probabilities) / len(draws))
+    assert np.all(np.abs(observed - probabilities) < 5 * std)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_skipgram_batches_hold_the_window_pairs_and_k_negatives(prepared, shared):
+    prepared.config.model.shared_negatives = shared
+    try:
+        examples = prepared.train_dataset().__getitems__([0, 1, 2])
+        batch = prepared.collate(examples, [11, 12, 13])
+        again = prepared.collate(examples, [11, 12, 13])
+    finally:
+        prepared.config.model.shared_negatives = False
+    kept = prepared.sample_positions(examples, [generator_for(s) for s in (11, 12, 13)])
+    positions, valid = context_slots(kept["sentence"], kept["reduced"], prepared.config.model.window)
+    assert int(batch["context_mask"].sum()) == int(valid.sum())  # every (centre, context) pair, once
+    negative = prepared.config.model.negative
+    assert batch["targets"].shape[1] == 1 + negative
+    assert torch.equal(batch["negative_mask"], batch["targets"][:, 1:] != batch["targets"][:, :1])
+    assert int(batch["words"]) == sum(len(e["ids"]) for e in examples)
+    for key in batch:  # the seeds fix the batch
+        assert torch.equal(batch[key], again[key])
+
+
+def test_cbow_gives_each_context_word_the_whole_error():
+    vectors = torch.randn(2, 3, 4, requires_grad=True)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    hidden = _cbow_hidden(vectors, mask, mean=True)
+    torch.testing.assert_close(hidden[1], vectors[1].mean(0))
+    hidden.sum().backward()
+    torch.testing.assert_close(vectors.grad, mask.unsqueeze(-1).float().expand(2, 3, 4))
+
+
+def test_implicit_updates_change_rare_words_little_and_tame_frequent_ones():
+    torch.manual_seed(0)
+    model = Word2VecModel(50, 8, sparse=False)
+    model.output_vectors.weight.data.normal_(0, 0.3)
+    model.input_vectors.weight.data.normal_(0, 0.3)
+    model.learning_rate.fill_(0.025)
+    inputs = torch.randint(1, 50, (400, 1))
+    targets = torch.cat([torch.randint(1, 50, (400, 1)), torch.zeros(400, 5, dtype=torch.long)], 1)  # word 0: hot
+    mask = torch.ones(400, 1, dtype=torch.bool)
+    grads = {}
+    for implicit in (False, True):
+        model.zero_grad()
+        model.implicit_updates = implicit
+        model(inputs, mask, targets).sum().backward()
+        grads[implicit] = model.output_vectors.weight.grad.clone()
+    ratio = grads[True].norm(dim=1) / grads[False].norm(dim=1).clamp(min=1e-12)
+    assert ratio[0] < 0.2  # 2,000 terms on word 0: its step is cut
+    assert ratio[1:].min() > 0.9  # a handful of terms: nearly the plain sum
+
+
+# -- training on both backends ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(planted, cache_dir, tmp_path_factory):
+    """Both modes on both backends, once per module."""
+    runs = {}
+    for backend in ("torch", "gensim"):
+        for mode in ("skipgram", "cbow"):
+            tmp = tmp_path_factory.mktemp(f"{backend}-{mode}")
+            config = _config(planted, cache_dir, tmp, backend=backend, model={"mode": mode},
+                             gensim={"workers": 2})
+            runs[backend, mode] = train_word2vec(config)
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "gensim"])
+@pytest.mark.parametrize("mode", ["skipgram", "cbow"])
+def test_planted_cooccurrences_become_nearest_neighbours(trained, backend, mode):
+    vectors = trained[backend, mode].vectors
+    topic_words = [_topic_word(g, i) for g in range(GROUPS) for i in range(GROUP_WORDS)]
+    right = sum(vectors.most_similar(word, topn=1)[0][0].startswith(word[:6]) for word in topic_words)
+    assert right >= 0.9 * len(topic_words), f"{backend} {mode}: {right}/{len(topic_words)} neighbours in the group"
+
+
+@pytest.mark.slow
+def test_torch_loss_falls(trained):
+    losses = [h["ns_loss"] for h in trained["torch", "skipgram"].history if "ns_loss" in h]
+    assert losses[-1] < 0.8 * losses[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "gensim"])
+def test_export_round_trips_through_gensim(trained, backend, tmp_path):
+    from gensim.models import KeyedVectors
+
+    result = trained[backend, "skipgram"]
+    folder = result.export_dir
+    card = (folder / "README.md").read_text()
+    assert "library_name: gensim" in card and "word2vec" in card
+    for loaded in (load_vectors(folder), KeyedVectors.load(str(folder / "vectors.kv")),
+                   KeyedVectors.load_word2vec_format(str(folder / "vectors.bin"), binary=True)):
+        assert loaded.index_to_key == result.vectors.index_to_key
+        np.testing.assert_allclose(loaded.vectors, result.vectors.vectors, rtol=1e-6)
+    native = KeyedVectors.load(str(folder / "vectors.kv"))
+    assert native.get_vecattr(native.index_to_key[0], "count") >= native.get_vecattr(native.index_to_key[-1], "count")
+    # A second export writes the text format too, which gensim reads back.
+    config = Word2VecConfig(text_format=True, evaluation=WordEvalConfig(analogies=False, word_similarity=False))
+    export_vectors(result.vectors, tmp_path, config=config, summary={}, training_data="test")
+    text = KeyedVectors.load_word2vec_format(str(tmp_path / "vectors.txt"), binary=False)
+    np.testing.assert_allclose(text.vectors, result.vectors.vectors, atol=1e-5)
+
+
+def test_load_vectors_names_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no word vectors"):
+        load_vectors(tmp_path)
+
+
+# -- evaluation ---------------------------------------------------------------------------------------
+
+
+def test_sentiment_probe_finds_a_planted_signal_that_random_vectors_lack():
+    from gensim.models import KeyedVectors
+
+    rng = np.random.default_rng(0)
+    positive, negative = [f"good{LETTERS[i]}" for i in range(10)], [f"bad{LETTERS[i]}" for i in range(10)]
+    neutral = [f"plain{LETTERS[i]}{LETTERS[j]}" for i in range(10) for j in range(10)]
+    texts, labels = [], []
+    for _ in range(300):
+        label = int(rng.integers(2))
+        words = list(rng.choice(positive if label else negative, 2)) + list(rng.choice(neutral, 6))
+        texts.append(" ".join(words))
+        labels.append(label)
+    vectors = KeyedVectors(vector_size=16)
+    words = positive + negative + neutral
+    planted = rng.normal(size=(len(words), 16))
+    planted[:, 0] = [3.0] * 10 + [-3.0] * 10 + [0.0] * len(neutral)  # one sentiment direction
+    vectors.add_vectors(words, planted)
+    scores = sentiment_probe(vectors, texts, np.array(labels), seeds=3)
+    assert scores["sentiment_accuracy"] > 0.95
+    assert scores["sentiment_gain_over_random"] > 0.05
+    assert scores["sentiment_text_coverage"] == 1.0 and scores["sentiment_token_oov_rate"] == 0.0
+
+
+# -- configs and bad input ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["word2vec_skipgram_tiny", "word2vec_cbow_tiny", "word2vec_base"])
+def test_shipped_configs_load(name):
+    config = build_config(REPO / "recipes" / "configs" / f"{name}.yaml")
+    assert isinstance(config, Word2VecConfig)
+    assert config.train.max_grad_norm is None and config.train.warmup_steps == 0
+
+
+def test_clipping_sparse_gradients_is_refused(prepared):
+    model = prepared.build_model()
+    prepared.config.train.max_grad_norm = 1.0
+    try:
+        with pytest.raises(ConfigError, match="max_grad_norm"):
+            prepared.build_optimizer(model, prepared.config.train)
+    finally:
+        prepared.config.train.max_grad_norm = None
+
+
+def test_empty_corpus_is_a_clear_error(cache_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n", encoding="utf-8")
+    with pytest.raises(CorpusError, match="no documents|holds text"):
+        train_word2vec(_config(empty, cache_dir, tmp_path))
+
+
+def test_words_below_min_count_are_a_clear_error(cache_dir, tmp_path):
+    rare = tmp_path / "rare.txt"
+    rare.write_text("Every word here is new. Nothing repeats at all.\n", encoding="utf-8")
+    for backend in ("torch", "gensim"):
+        with pytest.raises(Word2VecDataError, match="min_count"):
+            train_word2vec(_config(rare, cache_dir, tmp_path, backend=backend))
+
+
+def test_non_utf8_corpus_is_a_clear_error(cache_dir, tmp_path):
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("Caf\u00e9 cr\u00e8me, d\u00e9j\u00e0 vu.\n".encode("latin-1"))
+    with pytest.raises(CorpusError, match="not valid utf-8"):
+        train_word2vec(_config(latin, cache_dir, tmp_path))
+
+
+def test_gensim_backend_is_not_run_by_the_shared_trainer(planted, cache_dir, tmp_path):
+    objective = Word2VecObjective(_config(planted, cache_dir, tmp_path, backend="gensim"))
+    with pytest.raises(ConfigError, match="python -m textssl.word2vec"):
+        objective.prepare()
+
+
+# -- several processes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_process_training_runs(planted, cache_dir, tmp_path):
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(REPO / "recipes" / "pretrain.py"), "--config", str(REPO / "recipes" / "configs" / "word2vec_cbow_tiny.yaml"),
+        "--data.corpus.sources", f"[{planted}]", "--data.corpus.cache_dir", cache_dir,
+        "--data.corpus.validation_fraction", "0.0", "--data.block_words", "250", "--data.num_proc", "1",
+        "--model.vector_size", "16", "--epochs", "1", "--train.per_device_batch_size", "2",
+        "--train.output_dir", str(out), "--train.progress_bar", "false", "--evaluation.analogies", "false",
+        "--evaluation.word_similarity", "false", "--evaluation.sentiment", "none",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    vectors = load_vectors(out / "model")
+    assert len(vectors) == GROUPS * GROUP_WORDS + FILLERS and np.isfinite(vectors.vectors).all()

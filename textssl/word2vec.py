@@ -1,0 +1,883 @@
+"""word2vec: skip-gram and CBOW with negative sampling, on the shared trainer or on gensim.
+
+Two backends behind one config and one artifact:
+
+- ``backend: torch`` -- our objective, trained by `sslcore.trainer.Trainer` (so on GPUs and on
+  several processes with `accelerate launch`). A dataset row is a block of ~1,000 in-vocabulary
+  words (whole sentences); `collate` turns a batch of blocks into big index tensors -- pairs for
+  skip-gram, padded context windows for CBOW, negatives for both -- and the model scores them with
+  two sparse embedding tables updated by plain SGD.
+- ``backend: gensim`` -- `gensim.models.Word2Vec` with the same options mapped over, for CPU users.
+
+What makes word2vec good is done as in word2vec.c (which gensim follows): words under `min_count`
+are dropped before windows are taken; frequent words are subsampled with the keep probability
+``(sqrt(f/t) + 1) * t/f``; each position draws a window shrunk uniformly in ``1..window``; negatives
+come from the unigram distribution raised to 0.75; the learning rate decays linearly to zero; skip-
+gram predicts the centre word from each context word; CBOW averages the context vectors and hands
+the error back to every context word unscaled. Both backends end in the same folder: gensim
+`KeyedVectors` (native `vectors.kv` and word2vec-format `vectors.bin`), a model card with the
+intrinsic scores, and `push_to_hub` as for every other objective. `load_vectors(dir)` reads either.
+
+    from textssl.word2vec import train_word2vec, load_vectors
+    result = train_word2vec("recipes/configs/word2vec_skipgram_tiny.yaml")
+    vectors = load_vectors(result.export_dir)
+
+    accelerate launch recipes/pretrain.py --config recipes/configs/word2vec_skipgram_tiny.yaml
+    python -m textssl.word2vec --config recipes/configs/word2vec_cbow_tiny.yaml --backend gensim
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sslcore import config as cfg
+from sslcore.config import ConfigError, to_dict
+from sslcore.data import generator_for
+from sslcore.hub import push_to_hub, write_model_card
+from sslcore.objective import Objective
+from sslcore.registry import register_objective
+from sslcore.run_config import RunConfig, TrainConfig
+from textssl.corpus import CorpusConfig, load_corpus
+from textssl.word_eval import WordEvalConfig, evaluate_vectors, model_index_results
+
+if TYPE_CHECKING:
+    from gensim.models import KeyedVectors
+
+logger = logging.getLogger(__name__)
+
+WORD2VEC_DATA_VERSION = 1
+"""Bump when tokenization or block packing changes, so cached datasets built by older code are not reused."""
+MAX_TOKEN_CHARS = 40
+"""Longer "words" are markup or noise; dropped by the tokenizer."""
+VECTORS_KV = "vectors.kv"
+VECTORS_BIN = "vectors.bin"
+VECTORS_TXT = "vectors.txt"
+
+
+class Word2VecDataError(ValueError):
+    """The corpus cannot train word vectors (empty, or no word frequent enough); says what to change."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Word2VecDataConfig:
+    """Corpus, vocabulary and subsampling (shared by both backends)."""
+
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    """Which documents to train on (see textssl.corpus); each sentence is one word2vec sentence."""
+    min_count: int = 5
+    """Words seen fewer times are dropped before windows are taken (as if they were not there)."""
+    max_vocab_size: int | None = None
+    """Cap the vocabulary by raising min_count just enough (gensim's `max_final_vocab`); None = no cap."""
+    sample: float = 1e-3
+    """Subsampling threshold t: a word of corpus frequency f is kept with probability (sqrt(f/t)+1)*t/f; 0 = off."""
+    block_words: int = 1000
+    """torch backend: in-vocabulary words per dataset row (whole sentences packed together)."""
+    num_proc: int = 2
+    """Processes for tokenizing and packing (`datasets.map(num_proc=...)`)."""
+
+
+@dataclass
+class Word2VecModelConfig:
+    """The word2vec model and its training task."""
+
+    mode: Literal["skipgram", "cbow"] = "skipgram"
+    """skipgram: predict the centre word from each context word; cbow: from the mean of the context."""
+    vector_size: int = 100
+    """Dimension of the word vectors."""
+    window: int = 5
+    """Largest distance between the centre word and a context word."""
+    shrink_windows: bool = True
+    """Draw each position's window uniformly from 1..window (word2vec.c): near words count more."""
+    negative: int = 5
+    """Noise words drawn per prediction (negative sampling)."""
+    ns_exponent: float = 0.75
+    """Noise distribution: unigram counts raised to this power (0.75 in word2vec.c)."""
+    cbow_mean: bool = True
+    """CBOW: average the context vectors (True) or sum them."""
+    shared_negatives: bool = False
+    """Skip-gram: draw one set of negatives per window, shared by its context words (Ji et al. 2016's
+    HogBatch), instead of one per (context, centre) pair as word2vec.c: ~2.5x fewer rows to gather."""
+    implicit_updates: bool = True
+    """torch backend: scale each word's batch update by 1 / (1 + lr * its curvature), an implicit SGD step:
+    the plain sum of its gradients for most words, but no overshoot for very frequent ones. False = the
+    plain sum, which diverges once batches hold thousands of terms of one word."""
+    sparse_gradients: bool | None = None
+    """torch backend: sparse embedding gradients (fast on CPU); None = sparse except on multi-GPU, whose
+    NCCL all-reduce has no sparse tensors."""
+
+
+@dataclass
+class GensimBackendConfig:
+    """Options that exist only for backend=gensim."""
+
+    workers: int = 0
+    """gensim worker threads; 0 = one per CPU core."""
+
+
+def _word2vec_train_defaults() -> TrainConfig:
+    # word2vec is plain SGD at 0.025 decaying linearly to 0, with no warm-up and no clipping.
+    return TrainConfig(output_dir="runs/word2vec", learning_rate=0.025, warmup_steps=0, max_grad_norm=None,
+                       weight_decay=0.0, per_device_batch_size=16, log_every=50, report_to=[])
+
+
+@dataclass
+class Word2VecConfig(RunConfig):
+    """word2vec (skip-gram or CBOW with negative sampling) on the torch or the gensim backend."""
+
+    objective: str = "word2vec"
+    """Registered objective name."""
+    backend: Literal["torch", "gensim"] = "torch"
+    """torch: the shared Accelerate trainer (GPUs, several processes); gensim: gensim's C code (CPU)."""
+    epochs: int | None = 5
+    """Passes over the corpus; sets train.max_steps for the torch backend. None = train.max_steps decides
+    (torch backend only)."""
+    data: Word2VecDataConfig = field(default_factory=Word2VecDataConfig)
+    """Corpus, vocabulary and subsampling."""
+    model: Word2VecModelConfig = field(default_factory=Word2VecModelConfig)
+    """Mode, vector size, window and negatives."""
+    gensim: GensimBackendConfig = field(default_factory=GensimBackendConfig)
+    """Options of the gensim backend."""
+    evaluation: WordEvalConfig = field(default_factory=WordEvalConfig)
+    """Evaluations run on the exported vectors (scores go into the model card)."""
+    text_format: bool = False
+    """Also export vectors.txt (word2vec text format, ~3x the size of vectors.bin)."""
+    train: TrainConfig = field(default_factory=_word2vec_train_defaults)
+    """The shared trainer's options. For word2vec: learning_rate is SGD's alpha (0.025), lr_schedule linear,
+    warmup_steps 0, max_grad_norm null (sparse gradients cannot be clipped)."""
+
+
+def _check_config(config: Word2VecConfig) -> None:
+    data, model = config.data, config.model
+    problems = []
+    if data.min_count < 1:
+        problems.append(f"data.min_count must be >= 1, got {data.min_count}")
+    if not 0.0 <= data.sample < 1.0:
+        problems.append(f"data.sample must be in [0, 1) (1e-3 is usual, 0 turns subsampling off), got {data.sample}")
+    if data.max_vocab_size is not None and data.max_vocab_size < 1:
+        problems.append(f"data.max_vocab_size must be >= 1 or null, got {data.max_vocab_size}")
+    if data.block_words < 2:
+        problems.append(f"data.block_words must be >= 2, got {data.block_words}")
+    for name in ("vector_size", "window", "negative"):
+        if getattr(model, name) < 1:
+            problems.append(f"model.{name} must be >= 1, got {getattr(model, name)}")
+    if config.epochs is not None and config.epochs < 1:
+        problems.append(f"epochs must be >= 1 or null, got {config.epochs}")
+    if config.backend == "gensim" and config.epochs is None:
+        problems.append("backend gensim counts training in epochs; set `epochs`")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------------
+# Words: tokenizing, vocabulary, blocks
+# --------------------------------------------------------------------------------------------------
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-cased alphabetic words (gensim's `simple_preprocess`, keeping one-letter words)."""
+    from gensim.utils import simple_preprocess
+
+    return simple_preprocess(text, deacc=False, min_len=1, max_len=MAX_TOKEN_CHARS)
+
+
+def _fingerprint(*parts: Any) -> str:
+    payload = json.dumps([WORD2VEC_DATA_VERSION, *parts], default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class _TokenizeSentences:
+    """Batched map: documents -> one row of words per non-empty sentence."""
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        rows = (tokenize(sentence) for sentences in batch["sentences"] for sentence in sentences)
+        return {"tokens": [row for row in rows if row]}
+
+
+def tokenized_sentences(documents: datasets.Dataset, num_proc: int = 1) -> datasets.Dataset:
+    """One row per sentence of `documents` with its words in `tokens`; cached by `datasets`."""
+    return documents.map(
+        _TokenizeSentences(), batched=True, batch_size=256, remove_columns=documents.column_names,
+        features=datasets.Features({"tokens": datasets.List(datasets.Value("string"))}),
+        new_fingerprint=_fingerprint("tokens", documents._fingerprint, MAX_TOKEN_CHARS),
+        num_proc=num_proc if num_proc > 1 and len(documents) > 256 else None, desc="tokenizing words")
+
+
+@dataclass
+class Vocabulary:
+    """Words kept for training, most frequent first, with their corpus counts."""
+
+    words: list[str]
+    counts: np.ndarray
+    total_distinct: int = 0
+    """Distinct words in the corpus before min_count (for messages and model cards)."""
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    @property
+    def index(self) -> dict[str, int]:
+        return {word: i for i, word in enumerate(self.words)}
+
+    @classmethod
+    def from_counts(cls, counts: dict[str, int], min_count: int, max_size: int | None = None) -> Vocabulary:
+        """Keep words seen >= min_count times; with `max_size`, raise min_count as gensim's
+        `max_final_vocab` does (ties are kept or dropped together, so the result may be smaller)."""
+        if not counts:
+            raise Word2VecDataError("the corpus holds no word: check that data.corpus.sources point at text "
+                                    "(words are alphabetic tokens, numbers and punctuation are skipped)")
+        ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+        effective_min = min_count
+        if max_size is not None and max_size < len(ordered):
+            effective_min = max(min_count, ordered[max_size][1] + 1)
+        kept = [(word, n) for word, n in ordered if n >= effective_min]
+        if not kept:
+            top_word, top_count = ordered[0]
+            raise Word2VecDataError(
+                f"no word occurs at least {effective_min} times (data.min_count={min_count}"
+                + (f", raised to fit data.max_vocab_size={max_size}" if effective_min != min_count else "")
+                + f"): the corpus has {len(ordered)} distinct words and the most frequent, {top_word!r}, occurs "
+                f"{top_count} times; lower data.min_count or use a larger corpus")
+        return cls([w for w, _ in kept], np.array([n for _, n in kept], dtype=np.int64), total_distinct=len(ordered))
+
+    @classmethod
+    def from_sentences(cls, sentences: datasets.Dataset, min_count: int, max_size: int | None = None) -> Vocabulary:
+        """Count words with Arrow (no Python loop over tokens), then `from_counts`."""
+        import pyarrow.compute as pc
+
+        if len(sentences) == 0:
+            return cls.from_counts({}, min_count, max_size)
+        tokens = sentences.with_format("arrow")[:]["tokens"]  # respects any indices mapping
+        counted = pc.value_counts(pc.list_flatten(tokens))
+        words, numbers = counted.field("values").to_pylist(), counted.field("counts").to_pylist()
+        return cls.from_counts(dict(zip(words, numbers)), min_count, max_size)
+
+    def keep_probabilities(self, sample: float) -> np.ndarray:
+        """Probability of keeping each word under subsampling (word2vec.c's formula, as gensim)."""
+        if sample <= 0:
+            return np.ones(len(self.counts))
+        threshold = sample * self.counts.sum()
+        counts = self.counts.astype(np.float64)
+        return np.minimum(1.0, (np.sqrt(counts / threshold) + 1.0) * threshold / counts)
+
+    def noise_distribution(self, exponent: float) -> np.ndarray:
+        """Negative-sampling probabilities: counts ** exponent, normalised."""
+        weights = self.counts.astype(np.float64) ** exponent
+        return weights / weights.sum()
+
+
+NOISE_DOMAIN = 2**31 - 1
+"""Negatives are drawn as an integer below this, looked up in a cumulative table (as gensim does)."""
+
+
+def noise_table(probabilities: np.ndarray) -> torch.Tensor:
+    """Cumulative table over NOISE_DOMAIN: word i is drawn for integers in [table[i-1], table[i])."""
+    table = np.round(np.cumsum(probabilities) * NOISE_DOMAIN).astype(np.int64)
+    table[-1] = NOISE_DOMAIN
+    return torch.from_numpy(table)
+
+
+class _EncodeAndPack:
+    """Batched map: sentences of words -> blocks of <= block_words vocabulary ids, whole sentences.
+
+    Out-of-vocabulary words are removed first, so windows reach over them (as word2vec.c and gensim
+    do); sentences left with fewer than two words have no context pairs and are dropped.
+    """
+
+    def __init__(self, words: list[str], block_words: int):
+        self.words, self.block_words = words, block_words
+        self._index: dict[str, int] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"words": self.words, "block_words": self.block_words, "_index": None}
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        if self._index is None:
+            self._index = {word: i for i, word in enumerate(self.words)}
+        index, size = self._index, self.block_words
+        blocks, block_lengths = [], []
+        ids: list[int] = []
+        lengths: list[int] = []
+        for tokens in batch["tokens"]:
+            sentence = [i for i in map(index.get, tokens) if i is not None]
+            for start in range(0, len(sentence), size):
+                piece = sentence[start:start + size]
+                if len(piece) < 2:
+                    continue
+                if len(ids) + len(piece) > size:
+                    blocks.append(ids)
+                    block_lengths.append(lengths)
+                    ids, lengths = [], []
+                ids.extend(piece)
+                lengths.append(len(piece))
+        if ids:
+            blocks.append(ids)
+            block_lengths.append(lengths)
+        return {"ids": blocks, "lengths": block_lengths}
+
+
+def pack_blocks(sentences: datasets.Dataset, vocabulary: Vocabulary, block_words: int,
+                num_proc: int = 1) -> datasets.Dataset:
+    """Rows of `ids` (int32 vocabulary ids) and `lengths` (the sentence lengths inside the block)."""
+    vocab_hash = hashlib.sha256("\n".join(vocabulary.words).encode()).hexdigest()[:16]
+    features = datasets.Features({"ids": datasets.List(datasets.Value("int32")),
+                                  "lengths": datasets.List(datasets.Value("int32"))})
+    return sentences.map(
+        _EncodeAndPack(vocabulary.words, block_words), batched=True, batch_size=2000,
+        remove_columns=sentences.column_names, features=features,
+        new_fingerprint=_fingerprint("blocks", sentences._fingerprint, vocab_hash, block_words),
+        num_proc=num_proc if num_proc > 1 and len(sentences) > 2000 else None, desc="packing word blocks")
+
+
+@dataclass
+class Word2VecCorpus:
+    """What both backends train on: the documents, their tokenized sentences and the vocabulary."""
+
+    documents: datasets.DatasetDict
+    sentences: dict[str, datasets.Dataset]
+    vocabulary: Vocabulary
+
+    def describe(self, data: Word2VecDataConfig) -> str:
+        """One paragraph for model cards."""
+        return (f"Sources: {', '.join(data.corpus.sources)} (built offline by `textssl.corpus`): "
+                f"{len(self.documents['train'])} documents, {len(self.sentences['train'])} sentences, "
+                f"{int(self.vocabulary.counts.sum()):,} in-vocabulary words; vocabulary of {len(self.vocabulary):,} "
+                f"words seen at least {data.min_count} times (of {self.vocabulary.total_distinct:,} distinct), "
+                "lower-cased alphabetic tokens (gensim `simple_preprocess`).")
+
+
+def load_word2vec_corpus(data: Word2VecDataConfig) -> Word2VecCorpus:
+    """Documents -> tokenized sentences -> vocabulary (train split), every step cached on disk."""
+    if data.corpus.streaming:
+        raise ConfigError("word2vec counts its vocabulary before training; set data.corpus.streaming=false "
+                          "(the corpus is memory-mapped from disk, so large corpora still fit)")
+    documents = load_corpus(data.corpus)
+    sentences = {split: tokenized_sentences(docs, data.num_proc) for split, docs in documents.items()}
+    vocabulary = Vocabulary.from_sentences(sentences["train"], data.min_count, data.max_vocab_size)
+    logger.info("word2vec vocabulary: %d words (min_count %d) of %d distinct, %d in-vocabulary words",
+                len(vocabulary), data.min_count, vocabulary.total_distinct, int(vocabulary.counts.sum()))
+    return Word2VecCorpus(documents, sentences, vocabulary)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches: subsampling, dynamic windows, negatives
+# --------------------------------------------------------------------------------------------------
+
+
+def context_slots(sentence: torch.Tensor, reduced: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each position's 2*window neighbour positions and whether each is one of its contexts.
+
+    `sentence` holds a sentence id per position (ids differ across sentences and examples); a
+    neighbour counts when it is in the same sentence and within the position's window, shrunk by
+    `reduced` (0..window-1, drawn per position as in word2vec.c).
+    """
+    offsets = torch.cat([torch.arange(-window, 0), torch.arange(1, window + 1)])
+    n = len(sentence)
+    positions = torch.arange(n).unsqueeze(1) + offsets
+    inside = (positions >= 0) & (positions < n)
+    positions = positions.clamp(0, max(n - 1, 0))
+    near = offsets.abs().unsqueeze(0) <= (window - reduced).unsqueeze(1)
+    return positions, inside & near & (sentence[positions] == sentence.unsqueeze(1))
+
+
+def _cbow_hidden(vectors: torch.Tensor, mask: torch.Tensor, mean: bool) -> torch.Tensor:
+    """CBOW's hidden vector with word2vec.c's gradient: the mean (or sum) of the context vectors forward,
+    but every context word gets the full error back with `mean`, and error / count with a sum (gensim)."""
+    total = (vectors * mask.unsqueeze(-1)).sum(1)
+    count = mask.sum(1, keepdim=True).clamp(min=1).to(vectors.dtype)
+    value, gradient_path = (total / count, total) if mean else (total, total / count)
+    return value.detach() + (gradient_path - gradient_path.detach())
+
+
+def implicit_row_scale(rows: torch.Tensor, curvature: torch.Tensor, vocab_size: int,
+                       learning_rate: torch.Tensor) -> torch.Tensor:
+    """Per gathered row: 1 / (1 + lr * the curvature its word collects over the whole batch).
+
+    word2vec.c applies each prediction's gradient before computing the next; a batch sums them all at
+    one stale point. Scaling a word's summed gradient by 1 / (1 + lr * h), h its share of the loss's
+    curvature (an implicit SGD step, Toulis & Airoldi 2017), changes nothing for the many words with
+    small h -- the sum is what sequential SGD does to first order -- and stops a very frequent word
+    (thousands of aligned terms per batch, above all as a negative) from overshooting.
+    """
+    total = torch.bincount(rows.reshape(-1), weights=curvature.reshape(-1).float(), minlength=vocab_size)
+    return 1.0 / (1.0 + learning_rate * total[rows])
+
+
+class Word2VecModel(nn.Module):
+    """Two embedding tables: input vectors (the word vectors exported) and output vectors (syn1neg).
+
+    `forward(inputs, context_mask, targets)` scores rows of predictions. Row n has up to m input words
+    (`inputs[n]`, valid where `context_mask[n]`) and 1 + K output words (`targets[n]`: the word to
+    predict, then K negatives). Skip-gram scores every valid input against every output (m = 1 when
+    negatives are drawn per pair); CBOW first averages the inputs. All gradient work happens here, so
+    DDP syncs it.
+    """
+
+    def __init__(self, vocab_size: int, vector_size: int, mode: str = "skipgram", sparse: bool = True,
+                 cbow_mean: bool = True, implicit_updates: bool = True):
+        super().__init__()
+        self.input_vectors = nn.Embedding(vocab_size, vector_size, sparse=sparse)
+        self.output_vectors = nn.Embedding(vocab_size, vector_size, sparse=sparse)
+        self.mode, self.cbow_mean, self.implicit_updates = mode, cbow_mean, implicit_updates
+        # The SGD step size of the coming update (set by a step hook); a buffer, so a checkpoint keeps it.
+        self.register_buffer("learning_rate", torch.zeros(()))
+        # word2vec.c's init: small uniform input vectors, zero output vectors.
+        nn.init.uniform_(self.input_vectors.weight, -0.5 / vector_size, 0.5 / vector_size)
+        nn.init.zeros_(self.output_vectors.weight)
+
+    def forward(self, inputs: torch.Tensor, context_mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Scores of shape (rows, m, 1 + K) for skip-gram, (rows, 1, 1 + K) for CBOW."""
+        contexts = self.input_vectors(inputs)
+        outputs = self.output_vectors(targets)
+        hidden = _cbow_hidden(contexts, context_mask, self.cbow_mean).unsqueeze(1) if self.mode == "cbow" else contexts
+        scores = torch.matmul(hidden, outputs.transpose(1, 2))
+        if self.implicit_updates and self.training and torch.is_grad_enabled():
+            self._scale_row_gradients(inputs, context_mask, targets, contexts, hidden, outputs, scores)
+        return scores
+
+    @torch.no_grad()
+    def _scale_row_gradients(self, inputs, context_mask, targets, contexts, hidden, outputs, scores) -> None:
+        """Hooks that scale each gathered row's gradient by `implicit_row_scale` (see there)."""
+        probability = torch.sigmoid(scores.float())
+        # Curvature of the logistic loss along a row: sigmoid' times the squared norm of its partner.
+        weight = probability * (1 - probability)  # (rows, m', 1 + K)
+        valid = context_mask.unsqueeze(-1) if self.mode == "skipgram" else torch.ones_like(weight, dtype=torch.bool)
+        weight = weight * valid
+        output_curvature = (weight * hidden.float().pow(2).sum(-1, keepdim=True)).sum(1)  # (rows, 1 + K)
+        input_curvature = (weight * outputs.float().pow(2).sum(-1).unsqueeze(1)).sum(-1)  # (rows, m')
+        if self.mode == "cbow":  # each context word gets the hidden vector's error: curvature per word / count
+            count = context_mask.sum(1, keepdim=True).clamp(min=1)
+            input_curvature = input_curvature * context_mask / count
+        else:
+            input_curvature = input_curvature * context_mask
+        vocab = self.input_vectors.num_embeddings
+        input_scale = implicit_row_scale(inputs, input_curvature, vocab, self.learning_rate).unsqueeze(-1)
+        output_scale = implicit_row_scale(targets, output_curvature, vocab, self.learning_rate).unsqueeze(-1)
+        contexts.register_hook(lambda grad: grad * input_scale.to(grad.dtype))
+        outputs.register_hook(lambda grad: grad * output_scale.to(grad.dtype))
+
+
+def negative_sampling_loss(scores: torch.Tensor, prediction_mask: torch.Tensor,
+                           negative_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-log sigmoid(target score) - sum log sigmoid(-noise score), SUMMED over predictions (word2vec's SGD
+    applies each prediction's gradient at the full learning rate); also returns the mean per prediction.
+
+    `scores` is (rows, m, 1 + K): `[..., 0]` the word to predict, `[..., 1:]` the negatives;
+    `prediction_mask` (rows, m) marks real predictions; `negative_mask` (rows, K) drops negatives that
+    happen to equal the target (gensim skips those too).
+    """
+    noise = (F.softplus(scores[..., 1:]) * negative_mask.unsqueeze(1)).sum(-1)
+    per_prediction = (F.softplus(-scores[..., 0]) + noise) * prediction_mask
+    count = prediction_mask.sum().clamp(min=1)
+    return per_prediction.sum(), per_prediction.detach().sum() / count
+
+
+class Word2VecObjective(Objective):
+    """Skip-gram or CBOW with negative sampling on blocks of words; exports gensim KeyedVectors."""
+
+    name = "word2vec"
+    config_class = Word2VecConfig
+    unit = "words"
+    config: Word2VecConfig
+
+    def prepare(self, accelerator=None) -> None:
+        started = time.perf_counter()
+        config = self.config
+        _check_config(config)
+        if config.backend != "torch":
+            raise ConfigError("backend gensim does not train through the shared trainer; run it with "
+                              "`python -m textssl.word2vec --config FILE` or textssl.word2vec.train_word2vec")
+        self.corpus = load_word2vec_corpus(config.data)
+        data = config.data
+        self.blocks = {split: pack_blocks(sentences, self.corpus.vocabulary, data.block_words, data.num_proc)
+                       for split, sentences in self.corpus.sentences.items()}
+        if len(self.blocks["train"]) == 0:
+            raise Word2VecDataError("no sentence has two in-vocabulary words, so there is nothing to predict; "
+                                    "lower data.min_count or use a larger corpus")
+        self.blocks = {split: blocks.with_format("torch") for split, blocks in self.blocks.items()}
+        vocabulary = self.corpus.vocabulary
+        self.keep_probability = torch.from_numpy(vocabulary.keep_probabilities(data.sample)).float()
+        self.noise = noise_table(vocabulary.noise_distribution(config.model.ns_exponent))
+        processes = accelerator.num_processes if accelerator is not None else 1
+        on_gpus = accelerator is not None and accelerator.device.type != "cpu"
+        sparse = config.model.sparse_gradients
+        self.sparse = sparse if sparse is not None else not (processes > 1 and on_gpus)
+        # word2vec's update is the SUM of per-prediction gradients; DDP and gradient accumulation average
+        # over processes and micro-batches, so the step size is scaled back up by both.
+        self.lr_scale = processes * config.train.gradient_accumulation_steps
+        self.words_per_epoch = self._count_words()
+        if config.epochs is not None:
+            per_step = config.train.per_device_batch_size * processes
+            steps_per_epoch = len(self.blocks["train"]) // per_step // config.train.gradient_accumulation_steps
+            if steps_per_epoch == 0:
+                raise Word2VecDataError(
+                    f"the corpus packs into {len(self.blocks['train'])} blocks of <= {data.block_words} words, "
+                    f"fewer than one step of {per_step} blocks; lower train.per_device_batch_size or "
+                    "data.block_words")
+            config.train.max_steps = config.epochs * steps_per_epoch  # the trainer reads it after prepare()
+        logger.info("word2vec %s: %d blocks, %s words per epoch, %d steps", config.model.mode,
+                    len(self.blocks["train"]), f"{self.words_per_epoch:,}", config.train.max_steps)
+        self.prepare_seconds = time.perf_counter() - started
+
+    def _count_words(self) -> int:
+        import pyarrow.compute as pc
+
+        ids = self.blocks["train"].with_format("arrow")[:]["ids"]
+        return int(pc.sum(pc.list_value_length(ids)).as_py() or 0)
+
+    def train_dataset(self):
+        return self.blocks["train"]
+
+    def eval_dataset(self):
+        validation = self.blocks.get("validation")
+        return validation if validation is not None and len(validation) else None
+
+    def sample_positions(self, examples: list[dict[str, Any]], generators: list[torch.Generator]
+                         ) -> dict[str, torch.Tensor]:
+        """Subsample the batch's words and draw each kept position's window shrink.
+
+        Returns the kept `ids` with their `sentence` (unique across the batch), `example` index and
+        `reduced` window shrink, plus `words`, the batch's in-vocabulary words before subsampling.
+        """
+        model = self.config.model
+        ids = torch.cat([example["ids"] for example in examples]).long()
+        lengths = torch.cat([example["lengths"] for example in examples]).long()
+        sizes = [len(example["ids"]) for example in examples]
+        sentence = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+        example_index = torch.repeat_interleave(torch.arange(len(examples)), torch.tensor(sizes))
+        # Per-example draws (one call each) keep batches identical on 1 or N processes; the rest is batched.
+        uniform = torch.cat([torch.rand(n, generator=g) for n, g in zip(sizes, generators)])
+        reduced = (torch.cat([torch.randint(0, model.window, (n,), generator=g) for n, g in zip(sizes, generators)])
+                   if model.shrink_windows else torch.zeros(len(ids), dtype=torch.long))
+        # Subsampling comes before windows, so windows reach further in text full of frequent words.
+        keep = uniform < self.keep_probability[ids]
+        return {"ids": ids[keep], "sentence": sentence[keep], "example": example_index[keep],
+                "reduced": reduced[keep], "words": torch.tensor(sum(sizes))}
+
+    def collate(self, examples: list[dict[str, Any]], seeds: list[int]) -> dict[str, torch.Tensor]:
+        model = self.config.model
+        generators = [generator_for(seed) for seed in seeds]
+        kept = self.sample_positions(examples, generators)
+        ids = kept["ids"]
+        positions, is_context = context_slots(kept["sentence"], kept["reduced"], model.window)
+        if model.mode == "skipgram" and not model.shared_negatives:
+            # One row per (context, centre) pair, in centre order: the context word's input vector predicts
+            # the centre word against its own negatives (word2vec.c's and gensim's skip-gram).
+            centres, slots = is_context.nonzero(as_tuple=True)
+            inputs = ids[positions[centres, slots]].unsqueeze(1)
+            context_mask = torch.ones_like(inputs, dtype=torch.bool)
+        else:  # one row per centre with its (padded) window
+            centres = is_context.any(1).nonzero(as_tuple=True)[0]
+            inputs, context_mask = ids[positions[centres]], is_context[centres]
+        targets = ids[centres]
+        # Negatives from each example's own generator, so a batch is the same on 1 or N processes.
+        per_example = torch.bincount(kept["example"][centres], minlength=len(examples)).tolist()
+        draws = torch.cat([torch.randint(0, NOISE_DOMAIN, (n * model.negative,), generator=g)
+                           for n, g in zip(per_example, generators)])
+        noise = torch.searchsorted(self.noise, draws, right=True).view(len(targets), model.negative)
+        return {"inputs": inputs, "context_mask": context_mask,
+                "targets": torch.cat([targets.unsqueeze(1), noise], 1),
+                "negative_mask": noise != targets.unsqueeze(1), "words": kept["words"]}
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["words"])
+
+    def build_model(self) -> nn.Module:
+        model = self.config.model
+        return Word2VecModel(len(self.corpus.vocabulary), model.vector_size, mode=model.mode, sparse=self.sparse,
+                             cbow_mean=model.cbow_mean, implicit_updates=model.implicit_updates)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        scores = model(batch["inputs"], batch["context_mask"], batch["targets"])
+        predictions = batch["context_mask"] if self.config.model.mode == "skipgram" else batch["targets"][:, :1] >= 0
+        total, mean = negative_sampling_loss(scores, predictions, batch["negative_mask"])
+        return total, {"ns_loss": mean}
+
+    def build_optimizer(self, model: nn.Module, args: TrainConfig) -> torch.optim.Optimizer:
+        if self.sparse and args.max_grad_norm is not None:
+            raise ConfigError("train.max_grad_norm must be null for word2vec with sparse gradients (sparse "
+                              "gradients cannot be clipped, and word2vec.c never clips); set --train.max_grad_norm "
+                              "null, or model.sparse_gradients false")
+        if args.weight_decay:
+            logger.info("word2vec uses plain SGD: train.weight_decay=%g is not applied", args.weight_decay)
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate * self.lr_scale)
+        self._optimizer = optimizer
+        model.learning_rate.fill_(optimizer.param_groups[0]["lr"])
+        return optimizer
+
+    def step_hooks(self):
+        def follow_learning_rate(model: Word2VecModel, step: int) -> None:
+            # The implicit step needs the rate the next update will use (the scheduler has just set it).
+            model.learning_rate.fill_(self._optimizer.param_groups[0]["lr"])
+
+        return [follow_learning_rate]
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"backend": self.config.backend, "epochs": self.config.epochs, "data": to_dict(self.config.data),
+                "model": to_dict(self.config.model)}
+
+    def keyed_vectors(self, model: Word2VecModel) -> KeyedVectors:
+        return to_keyed_vectors(self.corpus.vocabulary, model.input_vectors.weight.detach().float().cpu().numpy())
+
+    def export(self, model: Word2VecModel, out_dir: Path, summary: dict[str, Any]) -> Path:
+        started = time.perf_counter()
+        summary = {**summary, "words_per_epoch": self.words_per_epoch}
+        exported = export_vectors(self.keyed_vectors(model), out_dir, config=self.config, summary=summary,
+                                  training_data=self.corpus.describe(self.config.data))
+        self.export_seconds = time.perf_counter() - started
+        return exported
+
+
+# `python -m textssl.word2vec` runs this file a second time as __main__: only the imported module registers.
+if __name__ != "__main__":
+    register_objective(Word2VecObjective)
+
+
+# --------------------------------------------------------------------------------------------------
+# The artifact: KeyedVectors, word2vec formats, model card
+# --------------------------------------------------------------------------------------------------
+
+
+def to_keyed_vectors(vocabulary: Vocabulary, vectors: np.ndarray) -> KeyedVectors:
+    """gensim KeyedVectors of `vectors` (one row per vocabulary word), with the corpus counts."""
+    from gensim.models import KeyedVectors
+
+    keyed = KeyedVectors(vector_size=vectors.shape[1], dtype=np.float32)
+    keyed.add_vectors(vocabulary.words, vectors.astype(np.float32))
+    for word, count in zip(vocabulary.words, vocabulary.counts.tolist()):
+        keyed.set_vecattr(word, "count", count)  # as gensim keeps them (sorting, frequency filters)
+    return keyed
+
+
+def export_vectors(vectors: KeyedVectors, out_dir: str | Path, *, config: Word2VecConfig, summary: dict[str, Any],
+                   training_data: str) -> Path:
+    """Write `vectors.kv` (gensim native), `vectors.bin` (word2vec binary; plus `vectors.txt` when
+    `text_format`), run the evaluations and write the model card. Returns `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vectors.save(str(out_dir / VECTORS_KV))
+    vectors.save_word2vec_format(str(out_dir / VECTORS_BIN), binary=True)
+    if config.text_format:
+        vectors.save_word2vec_format(str(out_dir / VECTORS_TXT), binary=False)
+    scores = evaluate_vectors(vectors, config.evaluation, cache_dir=config.data.corpus.cache_dir, tokenize=tokenize)
+    (out_dir / "scores.json").write_text(json.dumps(scores, indent=1))
+    mode = "skip-gram" if config.model.mode == "skipgram" else "CBOW"
+    model = config.model
+    write_model_card(
+        out_dir, model_name=out_dir.name if out_dir.name != "model" else f"word2vec-{config.model.mode}",
+        summary=(f"{len(vectors):,} word vectors of dimension {vectors.vector_size}, trained with word2vec "
+                 f"{mode} and negative sampling ({model.negative} negatives, window {model.window}, "
+                 f"{config.epochs or '?'} epochs) on the {config.backend} backend."),
+        config=to_dict(config), training_data=training_data,
+        metrics={**{k: v for k, v in summary.items() if isinstance(v, int | float)}, **scores},
+        library_name="gensim", tags=["word2vec", "word-embeddings", config.model.mode, config.backend],
+        eval_results=model_index_results(scores) or None,
+        usage=("from gensim.models import KeyedVectors\n"
+               f'vectors = KeyedVectors.load_word2vec_format("{VECTORS_BIN}", binary=True)  # or KeyedVectors.load('
+               f'"{VECTORS_KV}")\nprint(vectors.most_similar("king"))'))
+    return out_dir
+
+
+def load_vectors(path: str | Path) -> KeyedVectors:
+    """Word vectors exported by either backend: a folder (reads its word2vec-format file, which needs no
+    unpickling), or a `.bin`/`.txt`/`.vec` (word2vec format) or `.kv` (gensim native) file."""
+    from gensim.models import KeyedVectors
+
+    path = Path(path)
+    if path.is_dir():
+        for name, binary in ((VECTORS_BIN, True), (VECTORS_TXT, False)):
+            if (path / name).is_file():
+                return KeyedVectors.load_word2vec_format(str(path / name), binary=binary)
+        if (path / VECTORS_KV).is_file():
+            return KeyedVectors.load(str(path / VECTORS_KV))
+        raise FileNotFoundError(f"{path} holds no word vectors ({VECTORS_BIN}, {VECTORS_TXT} or {VECTORS_KV}); "
+                                "pass the folder a word2vec run exported (output_dir/model)")
+    if not path.is_file():
+        raise FileNotFoundError(f"no word vectors at {path}")
+    if path.suffix == ".kv":
+        return KeyedVectors.load(str(path))
+    if path.suffix in (".bin", ".txt", ".vec"):
+        return KeyedVectors.load_word2vec_format(str(path), binary=path.suffix == ".bin")
+    raise ValueError(f"{path}: unknown word-vector file type {path.suffix!r}; expected .bin, .txt, .vec or .kv")
+
+
+# --------------------------------------------------------------------------------------------------
+# One entry point for both backends
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Word2VecResult:
+    """What `train_word2vec` returns on either backend."""
+
+    vectors: KeyedVectors
+    """The trained word vectors (gensim KeyedVectors)."""
+    backend: str
+    export_dir: Path | None
+    """The exported folder (None when train.export is false)."""
+    train_seconds: float
+    """Wall time of the training itself (data already prepared; no export or evaluation)."""
+    words: int
+    """In-vocabulary corpus words processed: words per epoch x epochs (before subsampling)."""
+    scores: dict[str, float] = field(default_factory=dict)
+    """Evaluation scores of the exported vectors (see textssl.word_eval)."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """Trainer logs (torch backend)."""
+
+    @property
+    def words_per_second(self) -> float:
+        return self.words / max(self.train_seconds, 1e-9)
+
+
+def _as_config(config: Word2VecConfig | str | Path, overrides: list[str] | dict[str, Any] | None) -> Word2VecConfig:
+    if isinstance(config, Word2VecConfig):
+        if overrides:
+            updates = overrides if isinstance(overrides, dict) else cfg.parse_overrides(overrides)
+            config = cfg.build(Word2VecConfig, cfg.merge(to_dict(config), updates))
+        return config
+    values = cfg.read_yaml(config)
+    if overrides:
+        values = cfg.merge(values, overrides if isinstance(overrides, dict) else cfg.parse_overrides(overrides))
+    if values.get("objective", "word2vec") != "word2vec":
+        raise ConfigError(f"{config} is a config for objective {values['objective']!r}, not word2vec")
+    return cfg.build(Word2VecConfig, values)
+
+
+def train_word2vec(config: Word2VecConfig | str | Path, overrides: list[str] | dict[str, Any] | None = None,
+                   callbacks=None) -> Word2VecResult:
+    """Train word vectors on the backend the config names; export them (and upload if hub.repo_id is set)."""
+    config = _as_config(config, overrides)
+    _check_config(config)
+    result = _train_torch(config, callbacks) if config.backend == "torch" else _train_gensim(config)
+    if config.hub.repo_id and result.export_dir is not None and _is_main_process():
+        push_to_hub(result.export_dir, config.hub.repo_id, token=config.hub.token, private=config.hub.private)
+    return result
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _train_torch(config: Word2VecConfig, callbacks) -> Word2VecResult:
+    from sslcore.trainer import Trainer
+
+    objective = Word2VecObjective(config)
+    trainer = Trainer(objective, callbacks=callbacks)
+    started = time.perf_counter()
+    fit = trainer.fit()
+    elapsed = time.perf_counter() - started
+    vectors = objective.keyed_vectors(trainer.accelerator.unwrap_model(trainer.model))
+    steps_per_epoch = config.train.max_steps / (config.epochs or 1) if config.epochs else None
+    words = round(objective.words_per_epoch * fit.step / steps_per_epoch) if steps_per_epoch else 0
+    # The training alone: fit() also prepares the (cached) data and exports + evaluates at the end.
+    train_seconds = elapsed - objective.prepare_seconds - getattr(objective, "export_seconds", 0.0)
+    return Word2VecResult(vectors, "torch", fit.export_dir, train_seconds, words, _read_scores(fit.export_dir),
+                          fit.history)
+
+
+def _read_scores(export_dir: Path | None) -> dict[str, float]:
+    if export_dir is None or not (export_dir / "scores.json").is_file():
+        return {}
+    return json.loads((export_dir / "scores.json").read_text())
+
+
+def gensim_options(config: Word2VecConfig) -> dict[str, Any]:
+    """Our config as `gensim.models.Word2Vec` keyword arguments (the mapping both backends share)."""
+    data, model = config.data, config.model
+    return dict(
+        vector_size=model.vector_size, window=model.window, shrink_windows=model.shrink_windows,
+        negative=model.negative, ns_exponent=model.ns_exponent, hs=0, sg=int(model.mode == "skipgram"),
+        cbow_mean=int(model.cbow_mean), min_count=data.min_count, max_final_vocab=data.max_vocab_size,
+        sample=data.sample, alpha=config.train.learning_rate,
+        min_alpha=0.0,  # the trainer's linear schedule also ends at 0
+        epochs=config.epochs, seed=config.train.seed, workers=config.gensim.workers or cpu_cores(),
+    )
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (the affinity mask, which containers and `taskset` narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _train_gensim(config: Word2VecConfig) -> Word2VecResult:
+    from gensim.models import Word2Vec
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("backend gensim runs in one process (its threads use the cores); launch it without "
+                          "--num_processes, or use backend torch for several processes")
+    corpus = load_word2vec_corpus(config.data)
+    # gensim reads Python lists of words; materialise them once (as its users do) so every epoch is fast.
+    sentences = corpus.sentences["train"].with_format("arrow")[:]["tokens"].to_pylist()
+    model = Word2Vec(**gensim_options(config))
+    model.build_vocab(sentences)
+    if len(model.wv) != len(corpus.vocabulary):
+        logger.warning("gensim kept %d words, our vocabulary %d", len(model.wv), len(corpus.vocabulary))
+    started = time.perf_counter()
+    model.train(sentences, total_examples=model.corpus_count, epochs=model.epochs)
+    elapsed = time.perf_counter() - started
+    words = int(corpus.vocabulary.counts.sum()) * config.epochs
+    export_dir = None
+    output_dir = Path(config.train.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.json").write_text(json.dumps(to_dict(config), indent=1))
+    if config.train.export:
+        summary = {"train_seconds": round(elapsed, 2), "words_per_second": round(words / elapsed)}
+        export_dir = export_vectors(model.wv, output_dir / "model", config=config, summary=summary,
+                                    training_data=corpus.describe(config.data))
+    return Word2VecResult(model.wv, "gensim", export_dir, elapsed, words, _read_scores(export_dir))
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line: python -m textssl.word2vec --config FILE [--section.key value ...]
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> Word2VecResult | None:
+    """Both backends from the command line; torch runs under `accelerate launch` as well."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print("usage: python -m textssl.word2vec --config FILE [--backend torch|gensim] [--section.key VALUE ...]")
+        print("\n".join(cfg.describe(Word2VecConfig)))
+        return None
+    path, overrides, i = None, [], 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        if name == "--config":
+            path = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+            i += 1 if eq else 2
+            continue
+        overrides.append(argv[i])
+        i += 1
+    if path is None:
+        sys.exit("--config FILE is required, e.g. recipes/configs/word2vec_skipgram_tiny.yaml")
+    try:
+        config = _as_config(path, overrides)
+    except ConfigError as error:
+        sys.exit(f"config error: {error}")
+    result = train_word2vec(config)
+    if _is_main_process():
+        print(f"{result.backend}: {len(result.vectors):,} vectors, {result.words_per_second:,.0f} words/s, "
+              f"exported to {result.export_dir}; scores {result.scores}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
