@@ -29,7 +29,7 @@ from textssl.word2vec import (
     noise_table,
     train_word2vec,
 )
-from textssl.word_eval import WordEvalConfig, sentiment_probe
+from textssl.word_eval import WordEvalConfig, averaged_vector_probe
 
 REPO = Path(__file__).resolve().parents[1]
 GROUPS, GROUP_WORDS, FILLERS = 8, 4, 24
@@ -64,7 +64,7 @@ def _config(corpus: Path, cache_dir: str, tmp: Path, **sections) -> Word2VecConf
         "data": {"corpus": {"sources": [str(corpus)], "cache_dir": cache_dir, "validation_fraction": 0.0},
                  "min_count": 5, "sample": 0.0, "block_words": 250, "num_proc": 1},
         "model": {"vector_size": 24, "window": 3, "negative": 5},
-        "evaluation": {"analogies": False, "word_similarity": False, "sentiment": "none"},
+        "evaluation": {"analogies": False, "word_similarity": False, "downstream_task": None},
         "train": {"output_dir": str(tmp / "run"), "per_device_batch_size": 4, "progress_bar": False,
                   "report_to": [], "log_every": 10},
     }
@@ -275,7 +275,7 @@ def test_load_vectors_names_what_is_missing(tmp_path):
 # -- evaluation ---------------------------------------------------------------------------------------
 
 
-def test_sentiment_probe_finds_a_planted_signal_that_random_vectors_lack():
+def test_downstream_probe_finds_a_planted_signal_that_random_vectors_lack():
     from gensim.models import KeyedVectors
 
     rng = np.random.default_rng(0)
@@ -292,10 +292,11 @@ def test_sentiment_probe_finds_a_planted_signal_that_random_vectors_lack():
     planted = rng.normal(size=(len(words), 16))
     planted[:, 0] = [3.0] * 10 + [-3.0] * 10 + [0.0] * len(neutral)  # one sentiment direction
     vectors.add_vectors(words, planted)
-    scores = sentiment_probe(vectors, texts, np.array(labels), seeds=3)
-    assert scores["sentiment_accuracy"] > 0.95
-    assert scores["sentiment_gain_over_random"] > 0.05
-    assert scores["sentiment_text_coverage"] == 1.0 and scores["sentiment_token_oov_rate"] == 0.0
+    labels = np.array(labels)
+    scores = averaged_vector_probe(vectors, (texts[:200], labels[:200]), (texts[200:], labels[200:]), random_draws=3)
+    assert scores["downstream_accuracy"] > 0.95
+    assert scores["downstream_gain_over_random"] > 0.05
+    assert scores["downstream_text_coverage"] == 1.0 and scores["downstream_token_oov_rate"] == 0.0
 
 
 # -- configs and bad input ----------------------------------------------------------------------------
@@ -360,7 +361,7 @@ def test_two_process_training_runs(planted, cache_dir, tmp_path):
         "--data.corpus.validation_fraction", "0.0", "--data.block_words", "250", "--data.num_proc", "1",
         "--model.vector_size", "16", "--epochs", "1", "--train.per_device_batch_size", "2",
         "--train.output_dir", str(out), "--train.progress_bar", "false", "--evaluation.analogies", "false",
-        "--evaluation.word_similarity", "false", "--evaluation.sentiment", "none",
+        "--evaluation.word_similarity", "false", "--evaluation.downstream_task", "null",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)

