@@ -246,25 +246,35 @@ def task_scores(task: Task, outputs: np.ndarray, labels: np.ndarray) -> dict[str
     return compute_metrics(task.metrics, outputs.argmax(-1), labels)
 
 
+def by_length(dataset) -> tuple[Any, np.ndarray]:
+    """The split sorted by token count, and the permutation that restores the original order: batches
+    of similar lengths waste little compute on padding (short sentences vary 5-100 tokens)."""
+    order = np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
+    return dataset.select(order), np.argsort(order)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, dataset, collator, batch_size: int, accelerator=None) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, labels) over a tokenized split, gathered over processes when an accelerator is given."""
+    """(logits, labels) over a tokenized split in its order, gathered over processes when there are several."""
+    dataset, restore = by_length(dataset)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator, shuffle=False)
-    if accelerator is not None:
+    distributed = accelerator is not None and accelerator.num_processes > 1
+    if distributed:
         loader = accelerator.prepare(loader)
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     logits, labels = [], []
     for batch in loader:
-        batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in batch.items()}
         out = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
         targets = batch["labels"]
-        if accelerator is not None:
+        if distributed:  # drops the samples Accelerate repeated to even out the last batch
             out, targets = accelerator.gather_for_metrics((out, targets))
         logits.append(out.cpu())
         labels.append(targets.cpu())
     model.train(was_training)
-    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+    return torch.cat(logits).numpy()[restore], torch.cat(labels).numpy()[restore]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -390,9 +400,9 @@ def extract_features(encoder: nn.Module, dataset, collator, probe: ProbeConfig) 
     """Pooled hidden states of `probe.layer` for every example of a tokenized split (float64, on CPU)."""
     encoder.eval()
     device = next(encoder.parameters()).device
-    loader = DataLoader(dataset.remove_columns("label"), batch_size=probe.batch_size, collate_fn=collator)
+    dataset, restore = by_length(dataset.remove_columns("label"))
     pooled = []
-    for batch in loader:
+    for batch in DataLoader(dataset, batch_size=probe.batch_size, collate_fn=collator):
         batch = {k: v.to(device) for k, v in batch.items()}
         states = encoder(**batch, output_hidden_states=True).hidden_states[probe.layer]
         if probe.pooling == "cls":
@@ -400,7 +410,7 @@ def extract_features(encoder: nn.Module, dataset, collator, probe: ProbeConfig) 
         else:
             mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
             pooled.append((states * mask).sum(1) / mask.sum(1).clamp(min=1))
-    return torch.cat(pooled).double().cpu()
+    return torch.cat(pooled).double().cpu()[torch.from_numpy(restore)]
 
 
 def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int,
@@ -432,13 +442,18 @@ def fit_ridge(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor
     return weight.unsqueeze(1), mean.reshape(1)
 
 
-def run_probe(config: FinetuneConfig, task: Task, encoded, tokenizer, seed: int, out_dir: Path) -> dict[str, Any]:
-    """Frozen features -> linear model, L2 strength chosen on validation; scores and the saved head."""
-    set_seed(seed)  # the random-init encoder (and nothing else here) draws from it
+def probe_features(config: FinetuneConfig, encoded, tokenizer, seed: int) -> dict[str, torch.Tensor]:
+    """Frozen-encoder features of every split; the seed matters only to a randomly initialised encoder."""
+    set_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     encoder = build_encoder(config.model).to(device)
     collator = DataCollatorWithPadding(tokenizer)
-    features = {name: extract_features(encoder, split, collator, config.probe) for name, split in encoded.items()}
+    return {name: extract_features(encoder, split, collator, config.probe) for name, split in encoded.items()}
+
+
+def run_probe(config: FinetuneConfig, task: Task, encoded, features: dict[str, torch.Tensor], seed: int,
+              out_dir: Path) -> dict[str, Any]:
+    """Linear model on frozen features, L2 strength chosen on validation; scores and the saved head."""
     labels = {name: torch.tensor(split["label"]) for name, split in encoded.items()}
     # Standardise with train statistics so one L2 grid suits every encoder and layer.
     mean, std = features["train"].mean(0), features["train"].std(0).clamp(min=1e-6)
@@ -592,10 +607,9 @@ def finetune(model: str | None = None, task: str | TaskConfig | None = None, pro
     started = time.perf_counter()
     state = PartialState()
     task_data = load_task(config.task)
-    runs = []
+    runs, feature_cache = [], {}
     for seed in config.seeds:
-        run_dir = _run_dir(config, seed)
-        runs.append(_finetune_one(config, task_data, seed, run_dir, state))
+        runs.append(_finetune_one(config, task_data, seed, _run_dir(config, seed), state, feature_cache))
     result = FinetuneResult(
         task=task_data.name, protocol=config.protocol, model=config.model.path, init=config.model.init,
         seeds=list(config.seeds), main_metric=config.early_stopping.metric or task_data.main_metric,
@@ -614,8 +628,12 @@ def finetune(model: str | None = None, task: str | TaskConfig | None = None, pro
     return result
 
 
-def _finetune_one(config: FinetuneConfig, task: Task, seed: int, run_dir: Path, state: PartialState) -> dict:
-    """One seed: reuse its finished scores.json when the config matches, else train (or probe) and write it."""
+def _finetune_one(config: FinetuneConfig, task: Task, seed: int, run_dir: Path, state: PartialState,
+                  feature_cache: dict[str, Any]) -> dict:
+    """One seed: reuse its finished scores.json when the config matches, else train (or probe) and write it.
+
+    `feature_cache` keeps a pretrained encoder's probe features across seeds: they do not depend on the seed.
+    """
     scores_path = run_dir / "scores.json"
     fingerprint = json.loads(json.dumps({**cfg.to_dict(config), "seed": seed}))
     fingerprint["train"].pop("output_dir")
@@ -628,9 +646,15 @@ def _finetune_one(config: FinetuneConfig, task: Task, seed: int, run_dir: Path, 
     if config.protocol == "full":
         run = _run_full(config, seed, run_dir)
     elif state.is_main_process:  # the probe is cheap and deterministic: one process runs it
-        tokenizer = load_tokenizer(config.model)
-        encoded = encode_task(task, tokenizer, sequence_limit(config.model, tokenizer))
-        run = run_probe(config, task, encoded, tokenizer, seed, run_dir / "probe")
+        if "encoded" not in feature_cache:
+            tokenizer = load_tokenizer(config.model)
+            feature_cache.update(tokenizer=tokenizer,
+                                 encoded=encode_task(task, tokenizer, sequence_limit(config.model, tokenizer)))
+        encoded = feature_cache["encoded"]
+        features = feature_cache.get("pretrained") or probe_features(config, encoded, feature_cache["tokenizer"], seed)
+        if config.model.init == "pretrained":
+            feature_cache["pretrained"] = features
+        run = run_probe(config, task, encoded, features, seed, run_dir / "probe")
     if state.is_main_process:
         run["config"] = fingerprint
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -696,4 +720,4 @@ def add_scores_to_model_card(model_dir: str | Path, results: FinetuneResult | li
 __all__ = ["EarlyStopping", "FinetuneConfig", "FinetuneModelConfig", "FinetuneResult", "ProbeConfig",
            "SequenceClassificationObjective", "add_scores_to_model_card", "build_classifier", "build_encoder",
            "encode_task", "eval_results_for", "extract_features", "finetune", "fit_logistic_regression",
-           "fit_ridge", "predict", "run_probe"]
+           "fit_ridge", "predict", "probe_features", "run_probe"]
