@@ -40,7 +40,7 @@ def _topic_word(group: int, index: int) -> str:
     return f"topic{LETTERS[group]}{LETTERS[index]}"
 
 
-def _planted_corpus(path: Path, sentences: int = 3000, seed: int = 0) -> Path:
+def _planted_corpus(path: Path, sentences: int = 2000, seed: int = 0) -> Path:
     """Sentences that each draw 5 words from one group of 4 "topic" words plus 3 shared fillers: words of a
     group co-occur, words of different groups only ever meet through fillers."""
     rng = np.random.default_rng(seed)
@@ -166,13 +166,13 @@ def test_noise_follows_unigram_to_the_three_quarters():
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_skipgram_batches_hold_the_window_pairs_and_k_negatives(prepared, shared):
-    prepared.config.model.shared_negatives = shared
+    original, prepared.config.model.shared_negatives = prepared.config.model.shared_negatives, shared
     try:
         examples = prepared.train_dataset().__getitems__([0, 1, 2])
         batch = prepared.collate(examples, [11, 12, 13])
         again = prepared.collate(examples, [11, 12, 13])
     finally:
-        prepared.config.model.shared_negatives = False
+        prepared.config.model.shared_negatives = original
     kept = prepared.sample_positions(examples, [generator_for(s) for s in (11, 12, 13)])
     positions, valid = context_slots(kept["sentence"], kept["reduced"], prepared.config.model.window)
     assert int(batch["context_mask"].sum()) == int(valid.sum())  # every (centre, context) pair, once
@@ -265,6 +265,24 @@ def test_export_round_trips_through_gensim(trained, backend, tmp_path):
     export_vectors(result.vectors, tmp_path, config=config, summary={}, training_data="test")
     text = KeyedVectors.load_word2vec_format(str(tmp_path / "vectors.txt"), binary=False)
     np.testing.assert_allclose(text.vectors, result.vectors.vectors, atol=1e-5)
+
+
+def test_resume_gives_the_same_vectors(planted, cache_dir, tmp_path):
+    def config(folder: str, **train):
+        return _config(planted, cache_dir, tmp_path / folder, epochs=None,
+                       data={"corpus": {"sources": [str(planted)], "cache_dir": cache_dir,
+                                        "validation_fraction": 0.2}},
+                       train={"output_dir": str(tmp_path / folder), "max_steps": 6, "eval_every": 3, "save_every": 3,
+                              "eval_batches": 1, "export": False, **train})
+
+    def stop_at_three(trainer, step):
+        trainer.should_stop = step >= 3
+        return {}
+
+    uninterrupted = train_word2vec(config("full"))
+    train_word2vec(config("resumed"), callbacks=[stop_at_three])
+    resumed = train_word2vec(config("resumed", resume="latest"))
+    np.testing.assert_array_equal(resumed.vectors.vectors, uninterrupted.vectors.vectors)
 
 
 def test_load_vectors_names_what_is_missing(tmp_path):

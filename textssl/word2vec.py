@@ -14,7 +14,11 @@ are dropped before windows are taken; frequent words are subsampled with the kee
 ``(sqrt(f/t) + 1) * t/f``; each position draws a window shrunk uniformly in ``1..window``; negatives
 come from the unigram distribution raised to 0.75; the learning rate decays linearly to zero; skip-
 gram predicts the centre word from each context word; CBOW averages the context vectors and hands
-the error back to every context word unscaled. Both backends end in the same folder: gensim
+the error back to every context word unscaled. Two things differ because a batch is not a loop:
+skip-gram shares one draw of negatives across a window (HogBatch; `model.shared_negatives: false`
+draws them per pair, as word2vec.c), and each word's summed batch gradient takes an implicit SGD
+step, 1 / (1 + lr * curvature), which leaves most words at the plain sum but keeps the thousands of
+stale terms a very frequent word collects in one batch from overshooting. Both backends end in the same folder: gensim
 `KeyedVectors` (native `vectors.kv` and word2vec-format `vectors.bin`), a model card with the
 intrinsic scores, and `push_to_hub` as for every other objective. `load_vectors(dir)` reads either.
 
@@ -113,9 +117,10 @@ class Word2VecModelConfig:
     """Noise distribution: unigram counts raised to this power (0.75 in word2vec.c)."""
     cbow_mean: bool = True
     """CBOW: average the context vectors (True) or sum them."""
-    shared_negatives: bool = False
+    shared_negatives: bool = True
     """Skip-gram: draw one set of negatives per window, shared by its context words (Ji et al. 2016's
-    HogBatch), instead of one per (context, centre) pair as word2vec.c: ~2.5x fewer rows to gather."""
+    HogBatch), instead of one per (context, centre) pair as word2vec.c (false): ~3x faster on CPU,
+    with the same scores as gensim (benchmarks/word2vec_quality.py)."""
     implicit_updates: bool = True
     """torch backend: scale each word's batch update by 1 / (1 + lr * its curvature), an implicit SGD step:
     the plain sum of its gradients for most words, but no overshoot for very frequent ones. False = the
