@@ -1,7 +1,7 @@
 """Masked-LM throughput: our trainer against the way transformers' `run_mlm.py` trains, in one run.
 
-    python benchmarks/mlm_throughput.py [--steps 60] [--repeats 3] [--skip-steps 10]
-        [--config recipes/configs/bert_mlm_tiny.yaml] [--section.key VALUE ...]
+    python benchmarks/mlm_throughput.py [--steps 60] [--repeats 3] [--skip-steps 10] [--ablations]
+        [--config recipes/configs/bert_mlm_tiny.yaml] [--results FILE] [--section.key VALUE ...]
 
 Both sides train the same `BertForMaskedLM` (same `BertConfig`, same seeded init) on the same
 corpus and tokenizer, with the same batch, optimiser settings, LR schedule and number of steps:
@@ -20,7 +20,9 @@ collation/masking, forward, backward, clipping, the optimizer, the LR schedule a
 logging; model building, data preparation, the final checkpoint and eval are outside it.
 tokens/s = steps x global batch x sequence length / that time (blocks are full: no padding).
 The loss each side reports is the mean training loss of the last 10 steps (both log every 10).
-Repeats alternate which side runs first; repeat r uses seed `train.seed + r` on both sides.
+Repeats rotate which side runs first; repeat r uses seed `train.seed + r` on every side.
+`--ablations` adds our side with each of its speed-ups switched off (the last-layer cut of
+`MaskedPositionsHead`, fused AdamW), so what each is worth is measured in the same run.
 The device is whatever Accelerate / `transformers.Trainer` pick (a GPU when there is one).
 """
 
@@ -59,6 +61,7 @@ from transformers import (  # noqa: E402
 import textssl  # noqa: E402,F401  (registers bert_mlm)
 from sslcore import config as cfg  # noqa: E402
 from sslcore.api import build_config  # noqa: E402
+from sslcore.objective import Objective  # noqa: E402
 from sslcore.trainer import Trainer  # noqa: E402
 from textssl.data import load_text  # noqa: E402
 from textssl.mlm import MaskedLMObjective, MLMConfig  # noqa: E402
@@ -125,15 +128,43 @@ class _ClockCallback(TrainerCallback):
         self.clock.tick()
 
 
-class _ClockedMaskedLM(MaskedLMObjective):
-    """`bert_mlm` unchanged except for one extra step hook that takes the timestamp."""
+@dataclass(frozen=True)
+class OursVariant:
+    """Our side with some of its speed-ups switched off (for `--ablations`); all on = `bert_mlm` as shipped."""
 
-    def __init__(self, config: MLMConfig, clock: StepClock):
+    name: str
+    cut_last_layer: bool = True
+    """`MaskedPositionsHead` runs BERT's last layer only at masked positions."""
+    fused_adamw: bool = True
+    """`MaskedLMObjective.build_optimizer` uses fused AdamW (off: `Objective`'s default AdamW)."""
+
+
+OURS = OursVariant("ours")
+ABLATIONS = (OursVariant("ours, full last layer", cut_last_layer=False),
+             OursVariant("ours, unfused AdamW", fused_adamw=False),
+             OursVariant("ours, neither", cut_last_layer=False, fused_adamw=False))
+REFERENCE = "run_mlm"
+
+
+class _ClockedMaskedLM(MaskedLMObjective):
+    """`bert_mlm` plus one step hook that takes the timestamp, and the variant's switches."""
+
+    def __init__(self, config: MLMConfig, clock: StepClock, variant: OursVariant = OURS):
         super().__init__(config)
-        self.clock = clock
+        self.clock, self.variant = clock, variant
 
     def step_hooks(self):
         return [*super().step_hooks(), lambda model, step: self.clock.tick()]
+
+    def build_model(self):
+        model = super().build_model()
+        model.prunes_last_layer = model.prunes_last_layer and self.variant.cut_last_layer
+        return model
+
+    def build_optimizer(self, model, args):
+        if self.variant.fused_adamw:
+            return super().build_optimizer(model, args)
+        return Objective.build_optimizer(self, model, args)
 
 
 @dataclass
@@ -156,7 +187,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--steps", type=int, default=60, help="timed optimizer steps per run (default: %(default)s)")
     parser.add_argument("--skip-steps", type=int, default=10,
                         help="untimed optimizer steps before the timed ones (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per side, order alternating (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per side, order rotating (default: %(default)s)")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also run our side with each speed-up switched off: "
+                             + "; ".join(v.name for v in ABLATIONS))
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS,
                         help="markdown file the table is written to (default: %(default)s)")
     args, overrides = parser.parse_known_args(argv)
@@ -187,12 +221,12 @@ def benchmark_config(path: str, overrides: list[str], max_steps: int) -> MLMConf
 
 
 # -- the two sides -----------------------------------------------------------------------------
-def run_ours(config: MLMConfig, seed: int) -> tuple[StepClock, float]:
+def run_ours(config: MLMConfig, seed: int, variant: OursVariant = OURS) -> tuple[StepClock, float]:
     """(step timestamps, mean loss of the last 10 steps) of our trainer."""
     clock = StepClock()
     with tempfile.TemporaryDirectory(prefix="mlm-bench-ours-") as out:
         run_config = cfg.build(MLMConfig, cfg.merge(cfg.to_dict(config), {"train": {"output_dir": out, "seed": seed}}))
-        result = Trainer(_ClockedMaskedLM(run_config, clock)).fit()
+        result = Trainer(_ClockedMaskedLM(run_config, clock, variant)).fit()
     last = [r for r in result.history if "loss" in r and r["step"] == config.train.max_steps]
     return clock, last[-1]["loss"]
 
@@ -261,13 +295,11 @@ def device_name() -> str:
 
 
 def report(results: list[RunResult], args: argparse.Namespace, config: MLMConfig, argv: list[str],
-           tokens_per_step: int) -> str:
-    ours = {r.repeat: r for r in results if r.side == "ours"}
-    ref = {r.repeat: r for r in results if r.side == "run_mlm"}
-    repeats = sorted(ours)
-    ratios = [ours[i].tokens_per_s / ref[i].tokens_per_s for i in repeats]
-    step_ratios = [ref[i].median_step_s / ours[i].median_step_s for i in repeats]
+           tokens_per_step: int, load: tuple[float, float]) -> str:
     med = statistics.median
+    names = list(dict.fromkeys(r.side for r in results))
+    by = {(r.side, r.repeat): r for r in results}
+    repeats = sorted({r.repeat for r in results})
     m, t = config.model, config.train
     lines = [
         "# Masked-LM throughput: selfsup trainer vs transformers `run_mlm.py`",
@@ -275,7 +307,8 @@ def report(results: list[RunResult], args: argparse.Namespace, config: MLMConfig
         f"Command: `{shlex.join(['python', 'benchmarks/mlm_throughput.py', *argv])}`",
         "",
         f"- {datetime.date.today()}, {device_name()}; torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, one process.",
+        f"{transformers.__version__}, one process. 1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} "
+        "at the end (other processes on the same cores slow both sides, and many small ops the most).",
         f"- BERT {m.num_hidden_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, FFN "
         f"{m.intermediate_size}, vocab {config.tokenizer.vocab_size} ({config.tokenizer.kind}); sequences of "
         f"{config.data.max_seq_length}, batch {t.per_device_batch_size} x {t.gradient_accumulation_steps} accumulation "
@@ -283,23 +316,31 @@ def report(results: list[RunResult], args: argparse.Namespace, config: MLMConfig
         f"{t.lr_schedule} decay, precision {t.mixed_precision}.",
         f"- Timed: optimizer steps {args.skip_steps + 1}-{args.skip_steps + args.steps} of {t.max_steps} "
         "(step end to step end: data, masking, forward, backward, optimizer, logging). tokens/s = timed tokens / "
-        "timed seconds; \"ratio, median step\" compares median step times instead (robust to bursts of load "
-        f"from other processes). Loss: mean training loss of the last {LOSS_WINDOW} steps. Both sides mask "
-        f"single tokens at p={config.masking.mlm_probability:g} (ours: `masking.whole_word false`). Repeat r "
-        f"uses seed {t.seed}+r on both sides; the order alternates.",
+        "timed seconds. Ratios are taken within each repeat, then the median over repeats; \"ratio, median "
+        "step\" compares median step times instead (robust to bursts of load from other processes). Loss: mean "
+        f"training loss of the last {LOSS_WINDOW} steps. Both sides mask single tokens at "
+        f"p={config.masking.mlm_probability:g} (ours: `masking.whole_word false`). Repeat r uses seed "
+        f"{t.seed}+r on every side; the order rotates.",
         "",
-        "| repeat | first | ours tokens/s | run_mlm tokens/s | ratio | ratio, median step | ours loss | run_mlm loss |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        f"| side | tokens/s (median of {len(repeats)}) | ratio vs run_mlm | ratio, median step | loss (median) |",
+        "|---|---:|---:|---:|---:|",
     ]
-    for k, i in enumerate(repeats):
-        first = "ours" if i % 2 == 0 else "run_mlm"
-        lines.append(f"| {i} | {first} | {ours[i].tokens_per_s:,.0f} | {ref[i].tokens_per_s:,.0f} | "
-                     f"{ratios[k]:.2f}x | {step_ratios[k]:.2f}x | {ours[i].final_loss:.4f} | {ref[i].final_loss:.4f} |")
-    lines.append(f"| **median** | | **{med(r.tokens_per_s for r in ours.values()):,.0f}** | "
-                 f"**{med(r.tokens_per_s for r in ref.values()):,.0f}** | **{med(ratios):.2f}x** | "
-                 f"**{med(step_ratios):.2f}x** | **{med(r.final_loss for r in ours.values()):.4f}** | "
-                 f"**{med(r.final_loss for r in ref.values()):.4f}** |")
+    for name in names:
+        speed = med(by[name, i].tokens_per_s for i in repeats)
+        ratio = med(by[name, i].tokens_per_s / by[REFERENCE, i].tokens_per_s for i in repeats)
+        step_ratio = med(by[REFERENCE, i].median_step_s / by[name, i].median_step_s for i in repeats)
+        loss = med(by[name, i].final_loss for i in repeats)
+        bold = "**" if name == OURS.name else ""
+        lines.append(f"| {bold}{name}{bold} | {speed:,.0f} | {bold}{ratio:.2f}x{bold} | {step_ratio:.2f}x | "
+                     f"{bold}{loss:.4f}{bold} |")
+    lines += ["", "Every run:", "", "| repeat | side | tokens/s | median step (ms) | loss |", "|---:|---|---:|---:|---:|"]
+    lines += [f"| {r.repeat} | {r.side} | {r.tokens_per_s:,.0f} | {r.median_step_s * 1000:.0f} | {r.final_loss:.4f} |"
+              for r in results]
     return "\n".join(lines) + "\n"
+
+
+def _load_average() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -323,19 +364,22 @@ def main(argv: list[str] | None = None) -> str:
               "both trainers start a new epoch when they run out", file=sys.stderr)
 
     results: list[RunResult] = []
+    load_at_start = _load_average()
+    sides: list[OursVariant | str] = [OURS, REFERENCE, *(ABLATIONS if args.ablations else ())]
     for repeat in range(args.repeats):
         seed = t.seed + repeat
-        sides = ["ours", "run_mlm"] if repeat % 2 == 0 else ["run_mlm", "ours"]
-        for side in sides:
-            clock, loss = (run_ours(config, seed) if side == "ours"
-                           else run_reference(config, seed, reference_train, tokenizer))
-            result = RunResult(side, repeat, seed, tokens_per_step * args.steps / clock.seconds(args.skip_steps, args.steps),
+        # Rotate who goes first, so slow drifts of the machine's load do not favour one side.
+        for side in sides[repeat % len(sides):] + sides[:repeat % len(sides)]:
+            clock, loss = (run_reference(config, seed, reference_train, tokenizer) if side == REFERENCE
+                           else run_ours(config, seed, side))
+            name = side if side == REFERENCE else side.name
+            result = RunResult(name, repeat, seed, tokens_per_step * args.steps / clock.seconds(args.skip_steps, args.steps),
                                clock.median_step(args.skip_steps, args.steps), loss)
             results.append(result)
-            print(f"repeat {repeat} {side:8s}: {result.tokens_per_s:,.0f} tokens/s, median step "
+            print(f"repeat {repeat} {name}: {result.tokens_per_s:,.0f} tokens/s, median step "
                   f"{result.median_step_s * 1000:.0f} ms, loss(last {LOSS_WINDOW}) {loss:.4f}", flush=True)
 
-    table = report(results, args, config, argv, tokens_per_step)
+    table = report(results, args, config, argv, tokens_per_step, (load_at_start, _load_average()))
     print("\n" + table)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(table)
