@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForMaskedLM
+from transformers.models.bert.modeling_bert import BertLayer
 
 from sslcore.objective import Objective
 from sslcore.run_config import TrainConfig
@@ -121,3 +122,20 @@ def test_fused_adamw_steps_like_the_default_unfused_one():
             optimizer.zero_grad()
     for p_fused, p_plain in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(p_fused, p_plain, rtol=1e-5, atol=1e-6)
+
+
+def test_a_wrapped_last_layer_takes_the_full_path(monkeypatch):
+    """FSDP swaps the layer's class and gathers its shards only in its own forward: no cut then."""
+    full = tiny_bert(seed=6).eval()
+    head = MaskedPositionsHead(copy.deepcopy(full)).eval()
+    head.model.bert.encoder.layer[-1].__class__ = type("FSDPBertLayer", (BertLayer,), {})
+
+    def must_not_run(*args):
+        raise AssertionError("the last-layer cut ran on a wrapped layer")
+
+    monkeypatch.setattr("textssl.mlm.bert_layer_at", must_not_run)
+    input_ids, labels = batch_with_uneven_masks(seed=7)
+    logits, targets = head(input_ids=input_ids, labels=labels)
+    expected_logits, expected_targets = reference(full, input_ids, labels)
+    assert torch.equal(targets, expected_targets)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)

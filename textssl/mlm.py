@@ -83,11 +83,13 @@ class MaskedPositionsHead(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         selected = labels != IGNORE_INDEX
-        # Padded batches take the full path: the last-layer cut is written for blocks without padding.
-        if self.prunes_last_layer and attention_mask is None and bool(selected.any()):
-            bert = self.model.base_model
+        bert = self.model.base_model
+        *first_layers, last_layer = bert.encoder.layer
+        # Padded batches take the full path (the cut is written for blocks without padding), and so
+        # does a layer wrapped by FSDP (its type changes): only its own forward gathers its shards.
+        if (self.prunes_last_layer and type(last_layer) is BertLayer and attention_mask is None
+                and bool(selected.any())):
             hidden = bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-            *first_layers, last_layer = bert.encoder.layer
             for layer in first_layers:
                 hidden = layer(hidden, None)
             return self.model.cls(bert_layer_at(last_layer, hidden, selected)), labels[selected]
