@@ -227,9 +227,13 @@ def test_class_label_names_differing_between_splits(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: hidden)
     with pytest.raises(TaskError, match="hidden labels.*task.test_split"):
         load_task(TaskConfig(name="someone/dataset"))
-    # The GLUE way: score on validation, carve validation out of train.
-    task = load_task(TaskConfig(name="someone/dataset", test_split="train", validation_split=None))
+    # The GLUE way: score on the labelled validation split, carve model-selection data out of train.
+    glue = datasets.DatasetDict({"train": source["train"], "validation": source["train"].select(range(6)),
+                                 "test": hidden["test"]})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: glue)
+    task = load_task(TaskConfig(name="someone/dataset", test_split="validation"))
     assert task.label_names == ["x", "y"]
+    assert len(task.splits["test"]) == 6 and len(task.splits["validation"]) == 2  # 10% of train
 
 
 def test_named_split_must_exist(tmp_path):

@@ -429,13 +429,17 @@ def _load_source(config: TaskConfig) -> datasets.DatasetDict:
 
 
 def _pick_splits(config: TaskConfig, source: datasets.DatasetDict) -> dict[str, datasets.Dataset | None]:
+    # A default split is taken only when no role claims it: `test_split: validation` (GLUE) must not
+    # also make `validation` the model-selection split.
+    claimed = {config.train_split, config.validation_split, config.test_split}
+
     def named(option: str, value: str | None, default: str) -> datasets.Dataset | None:
         if value is not None:
             if value not in source:
                 raise TaskError(f"task.{option}={value!r} is not a split of {config.name!r}; "
                                 f"it has {sorted(source)}")
             return source[value]
-        return source[default] if default in source and default != config.train_split else None
+        return source[default] if default in source and default not in claimed else None
 
     if config.train_split not in source:
         raise TaskError(f"{config.name!r} has no split {config.train_split!r} (it has {sorted(source)}); "
