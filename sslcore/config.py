@@ -137,7 +137,14 @@ def build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
             f"unknown config key {prefix}{unknown[0]!s}; valid keys in "
             f"{prefix.rstrip('.') or cls.__name__}: {', '.join(sorted(fields))}"
         )
-    kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in values.items()}
+    kwargs = {}
+    for name, value in values.items():
+        factory = fields[name].default_factory
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints[name]) and factory is not dataclasses.MISSING:
+            # A section starts from the field's own default instance, so an objective can ship
+            # its own defaults for a shared section (e.g. word2vec's `train`) without a subclass.
+            value = merge(to_dict(factory()), value)
+        kwargs[name] = _coerce(value, hints[name], f"{prefix}{name}")
     return cls(**kwargs)
 
 

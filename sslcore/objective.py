@@ -40,6 +40,8 @@ class Objective:
     config_class: ClassVar[type[RunConfig]] = RunConfig
     unit: ClassVar[str] = "samples"
     """What `count()` counts, for throughput logs (tokens/s, samples/s, words/s)."""
+    reports_perplexity: ClassVar[bool] = False
+    """True when the loss is a mean token cross-entropy, so exp(eval loss) is a perplexity."""
 
     def __init__(self, config: RunConfig):
         self.config = config

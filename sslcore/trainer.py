@@ -351,7 +351,7 @@ class Trainer:
                 sums.setdefault(key, []).append(value)
         model.train()
         results = {f"eval_{k}": float(acc.gather_for_metrics(torch.cat(v)).mean()) for k, v in sums.items()}
-        if "eval_loss" in results:
+        if "eval_loss" in results and self.objective.reports_perplexity:
             results["eval_perplexity"] = math.exp(min(results["eval_loss"], 50.0))
         for callback in self.callbacks:
             results.update(callback(self, step))

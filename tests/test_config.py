@@ -101,3 +101,18 @@ def test_every_config_field_has_a_docstring():
         return tp
 
     walk(MLMConfig)
+
+
+def test_a_section_yaml_starts_from_the_objectives_own_defaults():
+    from dataclasses import dataclass, field
+
+    from sslcore.run_config import RunConfig
+
+    @dataclass
+    class Custom(RunConfig):
+        train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=0.025, max_grad_norm=None))
+        """Trainer options with this objective's own defaults."""
+
+    config = cfg.build(Custom, {"train": {"max_steps": 5}})
+    assert config.train.max_steps == 5
+    assert config.train.learning_rate == 0.025 and config.train.max_grad_norm is None  # not TrainConfig's

@@ -138,6 +138,7 @@ class MaskedLMObjective(Objective):
     name = "bert_mlm"
     config_class = MLMConfig
     unit = "tokens"
+    reports_perplexity = True
     config: MLMConfig
 
     def prepare(self, accelerator=None) -> None:
