@@ -18,7 +18,8 @@ the error back to every context word unscaled. Two things differ because a batch
 skip-gram shares one draw of negatives across a window (HogBatch; `model.shared_negatives: false`
 draws them per pair, as word2vec.c), and each word's summed batch gradient takes an implicit SGD
 step, 1 / (1 + lr * curvature), which leaves most words at the plain sum but keeps the thousands of
-stale terms a very frequent word collects in one batch from overshooting. Both backends end in the same folder: gensim
+stale terms a very frequent word collects in one batch from overshooting (skip-gram's default; CBOW,
+with about a sixth of the terms per batch, takes the plain sum by default). Both backends end in the same folder: gensim
 `KeyedVectors` (native `vectors.kv` and word2vec-format `vectors.bin`), a model card with the
 intrinsic scores, and `push_to_hub` as for every other objective. `load_vectors(dir)` reads either.
 
@@ -121,10 +122,14 @@ class Word2VecModelConfig:
     """Skip-gram: draw one set of negatives per window, shared by its context words (Ji et al. 2016's
     HogBatch), instead of one per (context, centre) pair as word2vec.c (false): ~3x faster on CPU,
     with the same scores as gensim (benchmarks/word2vec_quality.py)."""
-    implicit_updates: bool = True
+    implicit_updates: bool | None = None
     """torch backend: scale each word's batch update by 1 / (1 + lr * its curvature), an implicit SGD step:
     the plain sum of its gradients for most words, but no overshoot for very frequent ones. False = the
-    plain sum, which diverges once batches hold thousands of terms of one word."""
+    plain sum, which diverges once batches hold thousands of terms of one word. None = on for skip-gram
+    (a shared draw of negatives gives a frequent word's output row a term per context word, so it needs
+    it), off for CBOW: one prediction per centre collects ~1/(2 x mean window) as many terms, the plain sum
+    trained without trouble at 4 x 1,000 words per batch (3.1M-word corpus, 5 epochs), and the damping cost CBOW 0.03-0.04 WS353
+    Spearman against gensim (benchmarks/word2vec_quality.py). Set true for CBOW with much larger batches."""
     sparse_gradients: bool | None = None
     """torch backend: sparse embedding gradients (fast on CPU); None = sparse except on multi-GPU, whose
     NCCL all-reduce has no sparse tensors."""
@@ -442,6 +447,11 @@ def implicit_row_scale(rows: torch.Tensor, curvature: torch.Tensor, vocab_size: 
     return 1.0 / (1.0 + learning_rate * total[rows])
 
 
+def resolved_implicit_updates(model: Word2VecModelConfig) -> bool:
+    """`model.implicit_updates`, with None resolved by mode: on for skip-gram, off for CBOW (see the option)."""
+    return model.implicit_updates if model.implicit_updates is not None else model.mode == "skipgram"
+
+
 class Word2VecModel(nn.Module):
     """Two embedding tables: input vectors (the word vectors exported) and output vectors (syn1neg).
 
@@ -624,7 +634,7 @@ class Word2VecObjective(Objective):
     def build_model(self) -> nn.Module:
         model = self.config.model
         return Word2VecModel(len(self.corpus.vocabulary), model.vector_size, mode=model.mode, sparse=self.sparse,
-                             cbow_mean=model.cbow_mean, implicit_updates=model.implicit_updates)
+                             cbow_mean=model.cbow_mean, implicit_updates=resolved_implicit_updates(model))
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         scores = model(batch["inputs"], batch["context_mask"], batch["targets"])
