@@ -13,14 +13,16 @@ corpus and tokenizer, with the same batch, optimiser settings, LR schedule and n
     (mlm_probability=0.15)`, data tokenized the example script's way
     (`tokenizer(text, return_special_tokens_mask=True)`, then its `group_texts`).
 
-What is timed, identically on both sides: the wall time from the end of optimizer step
-`skip_steps` to the end of step `skip_steps + steps` (a timestamp taken after every optimizer
-step: a step hook on ours, `TrainerCallback.on_step_end` on theirs). It covers data loading,
-collation/masking, forward, backward, clipping, the optimizer, the LR schedule and per-step
-logging; model building, data preparation, the final checkpoint and eval are outside it.
-tokens/s = steps x global batch x sequence length / that time (blocks are full: no padding).
-The loss each side reports is the mean training loss of the last 10 steps (both log every 10).
-Repeats rotate which side runs first; repeat r uses seed `train.seed + r` on every side.
+Lockstep, so that every side sees the same machine load: each side trains in its own process
+and they take turns, one optimizer step each (the order rotates across repeats; repeat r uses
+seed `train.seed + r` on every side). A side's step time runs from getting its turn to a
+timestamp taken after its optimizer step (a step hook on ours, `TrainerCallback.on_step_end`
+on theirs): data loading, collation/masking, forward, backward, clipping, the optimizer, the LR
+schedule and per-step logging. Model building, data preparation, the final checkpoint and
+eval are outside it, and so are the first `skip_steps` steps (warm-up of allocators and caches).
+tokens/s = steps x global batch x sequence length / the sum of a side's timed step times
+(blocks are full: no padding). The loss each side reports is the mean training loss of the
+last 10 steps (both log every 10).
 `--ablations` adds our side with each of its speed-ups switched off (the last-layer cut of
 `MaskedPositionsHead`, fused AdamW), so what each is worth is measured in the same run.
 The device is whatever Accelerate / `transformers.Trainer` pick (a GPU when there is one).
@@ -32,13 +34,16 @@ import argparse
 import datetime
 import logging
 import math
+import multiprocessing
 import os
 import platform
+import queue
 import shlex
 import statistics
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -50,6 +55,7 @@ import datasets  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import (  # noqa: E402
+    AutoTokenizer,
     BertConfig,
     BertForMaskedLM,
     DataCollatorForLanguageModeling,
@@ -89,33 +95,45 @@ _HF_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_w
 
 
 # -- timing -----------------------------------------------------------------------------------
-class StepClock:
-    """Timestamps taken at the end of every optimizer step."""
+class Lockstep:
+    """Processes take turns in a fixed rotation; a finished process leaves the rotation."""
 
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
+    def __init__(self, context, sides: int):
+        self.sides = sides
+        self.changed = context.Condition()
+        self.turn = context.Value("i", 0, lock=False)  # guarded by `changed`
+        self.finished = context.Array("b", sides, lock=False)
+
+    def wait_turn(self, side: int) -> None:
+        with self.changed:
+            self.changed.wait_for(lambda: self.turn.value == side)
+
+    def pass_turn(self, side: int, finished: bool = False) -> None:
+        with self.changed:
+            self.finished[side] = self.finished[side] or finished
+            waiting = [s for s in range(side + 1, side + self.sides + 1) if not self.finished[s % self.sides]]
+            if waiting:
+                self.turn.value = waiting[0] % self.sides
+            self.changed.notify_all()
+
+
+class StepClock:
+    """How long each optimizer step of one side took, counting only the time it held the turn."""
+
+    def __init__(self, lockstep: Lockstep | None = None, side: int = 0) -> None:
+        self.lockstep, self.side = lockstep, side
+        self.durations: list[float] = []
+        self.started = time.perf_counter()
 
     def tick(self) -> None:
+        """Called after every optimizer step: close this step, let the other sides take theirs."""
         if torch.cuda.is_available():  # queued GPU work belongs to the step that queued it
             torch.cuda.synchronize()
-        self.stamps.append(time.perf_counter())
-
-    def seconds(self, skip_steps: int, steps: int) -> float:
-        """Time from the end of step `skip_steps` to the end of step `skip_steps + steps`."""
-        self._check(skip_steps, steps)
-        # stamps[k] is the end of step k + 1; the first timed step starts where step skip_steps ends.
-        return self.stamps[skip_steps + steps - 1] - self.stamps[skip_steps - 1]
-
-    def median_step(self, skip_steps: int, steps: int) -> float:
-        """Median duration of the timed steps: robust to bursts of load from other processes."""
-        self._check(skip_steps, steps)
-        timed = self.stamps[skip_steps - 1:skip_steps + steps]
-        return statistics.median(b - a for a, b in zip(timed, timed[1:]))
-
-    def _check(self, skip_steps: int, steps: int) -> None:
-        if len(self.stamps) < skip_steps + steps:
-            raise RuntimeError(f"only {len(self.stamps)} steps were timed, expected {skip_steps + steps}: "
-                               "the run stopped early (too little data for the requested steps?)")
+        self.durations.append(time.perf_counter() - self.started)
+        if self.lockstep is not None:
+            self.lockstep.pass_turn(self.side)
+            self.lockstep.wait_turn(self.side)
+        self.started = time.perf_counter()
 
 
 class _ClockCallback(TrainerCallback):
@@ -174,6 +192,7 @@ class RunResult:
     seed: int
     tokens_per_s: float
     median_step_s: float
+    fastest_step_s: float
     final_loss: float
 
 
@@ -221,14 +240,13 @@ def benchmark_config(path: str, overrides: list[str], max_steps: int) -> MLMConf
 
 
 # -- the two sides -----------------------------------------------------------------------------
-def run_ours(config: MLMConfig, seed: int, variant: OursVariant = OURS) -> tuple[StepClock, float]:
-    """(step timestamps, mean loss of the last 10 steps) of our trainer."""
-    clock = StepClock()
+def run_ours(config: MLMConfig, seed: int, clock: StepClock, variant: OursVariant = OURS) -> float:
+    """Train with our trainer, ticking `clock` after every step; the mean loss of the last 10 steps."""
     with tempfile.TemporaryDirectory(prefix="mlm-bench-ours-") as out:
         run_config = cfg.build(MLMConfig, cfg.merge(cfg.to_dict(config), {"train": {"output_dir": out, "seed": seed}}))
         result = Trainer(_ClockedMaskedLM(run_config, clock, variant)).fit()
     last = [r for r in result.history if "loss" in r and r["step"] == config.train.max_steps]
-    return clock, last[-1]["loss"]
+    return last[-1]["loss"]
 
 
 def run_mlm_dataset(corpus_train: datasets.Dataset, tokenizer, max_seq_length: int, num_proc: int) -> datasets.Dataset:
@@ -248,10 +266,9 @@ def run_mlm_dataset(corpus_train: datasets.Dataset, tokenizer, max_seq_length: i
     return tokenized.map(group_texts, batched=True, num_proc=num_proc, desc=f"run_mlm: grouping into {max_seq_length}")
 
 
-def run_reference(config: MLMConfig, seed: int, train_dataset: datasets.Dataset, tokenizer) -> tuple[StepClock, float]:
-    """(step timestamps, mean loss of the last 10 steps) of transformers.Trainer the run_mlm.py way."""
+def run_reference(config: MLMConfig, seed: int, clock: StepClock, train_dataset: datasets.Dataset, tokenizer) -> float:
+    """Train with transformers.Trainer the run_mlm.py way, ticking `clock`; the mean loss of the last 10 steps."""
     t = config.train
-    clock = StepClock()
     set_seed(seed)  # run_mlm seeds before building the model, so both sides start from the same weights
     model = BertForMaskedLM(bert_config(config, tokenizer))
     collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm_probability=config.masking.mlm_probability)
@@ -268,7 +285,7 @@ def run_reference(config: MLMConfig, seed: int, train_dataset: datasets.Dataset,
                                        data_collator=collator, callbacks=[_ClockCallback(clock)])
         trainer.train()
     last = [r for r in trainer.state.log_history if "loss" in r and r["step"] == t.max_steps]
-    return clock, last[-1]["loss"]
+    return last[-1]["loss"]
 
 
 def bert_config(config: MLMConfig, tokenizer) -> BertConfig:
@@ -314,33 +331,94 @@ def report(results: list[RunResult], args: argparse.Namespace, config: MLMConfig
         f"{config.data.max_seq_length}, batch {t.per_device_batch_size} x {t.gradient_accumulation_steps} accumulation "
         f"= {tokens_per_step} tokens/step; AdamW lr {t.learning_rate:g}, {warmup_steps(config)} warm-up steps, "
         f"{t.lr_schedule} decay, precision {t.mixed_precision}.",
-        f"- Timed: optimizer steps {args.skip_steps + 1}-{args.skip_steps + args.steps} of {t.max_steps} "
-        "(step end to step end: data, masking, forward, backward, optimizer, logging). tokens/s = timed tokens / "
-        "timed seconds. Ratios are taken within each repeat, then the median over repeats; \"ratio, median "
-        "step\" compares median step times instead (robust to bursts of load from other processes). Loss: mean "
-        f"training loss of the last {LOSS_WINDOW} steps. Both sides mask single tokens at "
-        f"p={config.masking.mlm_probability:g} (ours: `masking.whole_word false`). Repeat r uses seed "
-        f"{t.seed}+r on every side; the order rotates.",
+        f"- Sides run in lockstep (one process each, one optimizer step each in turn), so all see the same "
+        f"machine load. Timed: optimizer steps {args.skip_steps + 1}-{args.skip_steps + args.steps} of "
+        f"{t.max_steps}, each from the side getting its turn to the end of its optimizer step (data, masking, "
+        "forward, backward, optimizer, logging). tokens/s = timed tokens / timed seconds. Ratios are taken "
+        "within each repeat, then the median over repeats. \"median step\" and \"fastest step\" compare those step "
+        "times instead: robust to bursts of load from other processes, the fastest being the closest to an idle "
+        f"machine. Loss: mean training loss of the last {LOSS_WINDOW} steps. Both "
+        f"sides mask single tokens at p={config.masking.mlm_probability:g} (ours: `masking.whole_word false`). "
+        f"Repeat r uses seed {t.seed}+r on every side; who steps first rotates.",
         "",
-        f"| side | tokens/s (median of {len(repeats)}) | ratio vs run_mlm | ratio, median step | loss (median) |",
-        "|---|---:|---:|---:|---:|",
+        f"| side | tokens/s (median of {len(repeats)}) | ratio vs run_mlm | ratio, median step | ratio, fastest step "
+        "| loss (median) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name in names:
         speed = med(by[name, i].tokens_per_s for i in repeats)
         ratio = med(by[name, i].tokens_per_s / by[REFERENCE, i].tokens_per_s for i in repeats)
         step_ratio = med(by[REFERENCE, i].median_step_s / by[name, i].median_step_s for i in repeats)
+        fastest_ratio = med(by[REFERENCE, i].fastest_step_s / by[name, i].fastest_step_s for i in repeats)
         loss = med(by[name, i].final_loss for i in repeats)
         bold = "**" if name == OURS.name else ""
-        lines.append(f"| {bold}{name}{bold} | {speed:,.0f} | {bold}{ratio:.2f}x{bold} | {step_ratio:.2f}x | "
+        lines.append(f"| {bold}{name}{bold} | {speed:,.0f} | {bold}{ratio:.2f}x{bold} | {step_ratio:.2f}x | {fastest_ratio:.2f}x | "
                      f"{bold}{loss:.4f}{bold} |")
-    lines += ["", "Every run:", "", "| repeat | side | tokens/s | median step (ms) | loss |", "|---:|---|---:|---:|---:|"]
-    lines += [f"| {r.repeat} | {r.side} | {r.tokens_per_s:,.0f} | {r.median_step_s * 1000:.0f} | {r.final_loss:.4f} |"
-              for r in results]
+    lines += ["", "Every run:", "", "| repeat | side | tokens/s | median step (ms) | fastest step (ms) | loss |",
+              "|---:|---|---:|---:|---:|---:|"]
+    lines += [f"| {r.repeat} | {r.side} | {r.tokens_per_s:,.0f} | {r.median_step_s * 1000:.0f} | "
+              f"{r.fastest_step_s * 1000:.0f} | {r.final_loss:.4f} |" for r in results]
     return "\n".join(lines) + "\n"
 
 
 def _load_average() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def _quiet_logs() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("sslcore").setLevel(logging.WARNING)  # our per-step log lines would drown the table
+    transformers.logging.set_verbosity_error()  # run_mlm's "sequence longer than max length" warnings
+
+
+def _train_side(index: int, side: OursVariant | str, config: MLMConfig, seed: int, shared_dir: str,
+                lockstep: Lockstep, results) -> None:
+    """One side in its own process: wait for the first turn, train in turn with the others, report."""
+    _quiet_logs()
+    lockstep.wait_turn(index)
+    clock = StepClock(lockstep, index)
+    try:
+        if side == REFERENCE:
+            loss = run_reference(config, seed, clock, datasets.load_from_disk(f"{shared_dir}/run_mlm_train"),
+                                 AutoTokenizer.from_pretrained(f"{shared_dir}/tokenizer"))
+        else:
+            loss = run_ours(config, seed, clock, side)
+        results.put((index, clock.durations, loss, None))
+    except BaseException:
+        results.put((index, clock.durations, float("nan"), traceback.format_exc()))
+    finally:
+        lockstep.pass_turn(index, finished=True)
+
+
+def run_lockstep(sides: list[OursVariant | str], config: MLMConfig, seed: int, shared_dir: str
+                 ) -> list[tuple[list[float], float]]:
+    """Train every side at once, one optimizer step each in turn; (step durations, loss) per side."""
+    context = multiprocessing.get_context("spawn")  # no fork of a process that holds OpenMP threads
+    lockstep, results = Lockstep(context, len(sides)), context.Queue()
+    processes = [context.Process(target=_train_side, args=(i, side, config, seed, shared_dir, lockstep, results))
+                 for i, side in enumerate(sides)]
+    for process in processes:
+        process.start()
+    reported: dict[int, tuple[list[float], float, str | None]] = {}
+    while len(reported) < len(sides):
+        try:
+            index, durations, loss, error = results.get(timeout=5)
+            reported[index] = (durations, loss, error)
+        except queue.Empty:
+            for i, process in enumerate(processes):
+                if i not in reported and process.exitcode is not None:  # killed before reporting (e.g. OOM)
+                    reported[i] = ([], float("nan"), f"the process exited with code {process.exitcode}")
+                    lockstep.pass_turn(i, finished=True)
+    for process in processes:
+        process.join()
+    errors = [f"{_name(sides[i])}: {error}" for i, (_, _, error) in sorted(reported.items()) if error]
+    if errors:
+        raise RuntimeError("a side failed:\n" + "\n".join(errors))
+    return [reported[i][:2] for i in range(len(sides))]
+
+
+def _name(side: OursVariant | str) -> str:
+    return side if isinstance(side, str) else side.name
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -350,13 +428,12 @@ def main(argv: list[str] | None = None) -> str:
         config = benchmark_config(args.config, overrides, args.skip_steps + args.steps)
     except cfg.ConfigError as error:
         sys.exit(f"config error: {error}")
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("sslcore").setLevel(logging.WARNING)  # our per-step log lines would drown the table
-    transformers.logging.set_verbosity_error()  # run_mlm's "sequence longer than max length" warnings
+    _quiet_logs()
 
     # The corpus, tokenizer and both datasets are built (or read from cache) before anything is timed.
     corpus, tokenizer = load_text(config.data, config.tokenizer)
     reference_train = run_mlm_dataset(corpus["train"], tokenizer, config.data.max_seq_length, config.data.num_proc)
+    MaskedLMObjective(config).prepare()  # our packed blocks, cached for the training processes
     t = config.train
     tokens_per_step = t.per_device_batch_size * t.gradient_accumulation_steps * config.data.max_seq_length
     if len(reference_train) < t.max_steps * t.per_device_batch_size * t.gradient_accumulation_steps:
@@ -366,18 +443,22 @@ def main(argv: list[str] | None = None) -> str:
     results: list[RunResult] = []
     load_at_start = _load_average()
     sides: list[OursVariant | str] = [OURS, REFERENCE, *(ABLATIONS if args.ablations else ())]
-    for repeat in range(args.repeats):
-        seed = t.seed + repeat
-        # Rotate who goes first, so slow drifts of the machine's load do not favour one side.
-        for side in sides[repeat % len(sides):] + sides[:repeat % len(sides)]:
-            clock, loss = (run_reference(config, seed, reference_train, tokenizer) if side == REFERENCE
-                           else run_ours(config, seed, side))
-            name = side if side == REFERENCE else side.name
-            result = RunResult(name, repeat, seed, tokens_per_step * args.steps / clock.seconds(args.skip_steps, args.steps),
-                               clock.median_step(args.skip_steps, args.steps), loss)
-            results.append(result)
-            print(f"repeat {repeat} {name}: {result.tokens_per_s:,.0f} tokens/s, median step "
-                  f"{result.median_step_s * 1000:.0f} ms, loss(last {LOSS_WINDOW}) {loss:.4f}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="mlm-bench-") as shared_dir:
+        reference_train.save_to_disk(f"{shared_dir}/run_mlm_train")
+        tokenizer.save_pretrained(f"{shared_dir}/tokenizer")
+        for repeat in range(args.repeats):
+            seed = t.seed + repeat
+            order = sides[repeat % len(sides):] + sides[:repeat % len(sides)]  # who steps first rotates
+            for side, (durations, loss) in zip(order, run_lockstep(order, config, seed, shared_dir)):
+                timed = durations[args.skip_steps:args.skip_steps + args.steps]
+                if len(timed) < args.steps:
+                    raise RuntimeError(f"{_name(side)} ran {len(durations)} steps, expected {t.max_steps}: too "
+                                       "little data for the requested steps?")
+                result = RunResult(_name(side), repeat, seed, tokens_per_step * args.steps / sum(timed),
+                                   statistics.median(timed), min(timed), loss)
+                results.append(result)
+                print(f"repeat {repeat} {result.side}: {result.tokens_per_s:,.0f} tokens/s, median step "
+                      f"{result.median_step_s * 1000:.0f} ms, loss(last {LOSS_WINDOW}) {loss:.4f}", flush=True)
 
     table = report(results, args, config, argv, tokens_per_step, (load_at_start, _load_average()))
     print("\n" + table)
