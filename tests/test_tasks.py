@@ -326,3 +326,13 @@ def test_evaluate_modules_ship_inside_the_package():
     for name in metrics.FUNCTIONS:
         folder = Path(metrics.local_module_path(name))
         assert (folder / f"{name}.py").is_file() and (folder / "__init__.py").is_file()
+
+
+def test_unlabelled_text_for_in_domain_pretraining(cache_dir, tmp_path):
+    from textssl.tasks import write_unlabelled_text
+
+    path = write_unlabelled_text(TaskConfig(name="tiny-polarity", cache_dir=cache_dir), tmp_path / "corpus.txt")
+    task = load_task(TaskConfig(name="tiny-polarity", cache_dir=cache_dir))
+    assert path.read_text(encoding="utf-8").splitlines() == list(task.splits["train"]["text"])
+    with pytest.raises(TaskError, match="test text would leak"):
+        write_unlabelled_text(TaskConfig(name="tiny-polarity", cache_dir=cache_dir), tmp_path / "x.txt", split="test")

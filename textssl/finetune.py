@@ -56,6 +56,7 @@ from sslcore.hub import write_model_card
 from sslcore.objective import Objective
 from sslcore.registry import register_objective
 from sslcore.run_config import RunConfig, TrainConfig
+from sslcore.trainer import Trainer, _multi_process_without_gpu
 from textssl.metrics import compute_metrics
 from textssl.tasks import Task, TaskConfig, load_task
 
@@ -296,6 +297,8 @@ class EarlyStopping:
         self.best_step = 0
         self.best_state: dict[str, torch.Tensor] | None = None
         self.misses = 0
+        self.test: dict[str, float] | None = None
+        """Test scores of the best weights, computed at the last evaluation of the run."""
 
     def __call__(self, trainer, step: int) -> dict[str, float]:
         objective = self.objective
@@ -313,7 +316,19 @@ class EarlyStopping:
                 logger.info("early stopping at step %d: validation %s has not improved on %.4f (step %d) for %d "
                             "evaluations", step, self.metric, self.best[self.metric], self.best_step, self.misses)
                 trainer.should_stop = True
+        if trainer.should_stop or step >= trainer.args.max_steps:
+            self.test = self._score_test(trainer)
         return {**{f"eval_{k}": v for k, v in scores.items()}, f"eval_best_{self.metric}": self.best[self.metric]}
+
+    def _score_test(self, trainer) -> dict[str, float]:
+        """Test scores of the best weights. Runs inside the last evaluation, while the trainer's process
+        group still exists (its end of training tears it down), on a copy: the model being trained, and
+        so its final checkpoint, keep their own weights."""
+        best = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.model))
+        self.restore_best(best)
+        logits, labels = predict(best, self.objective.encoded["test"], self.objective.collator,
+                                 trainer.args.per_device_batch_size, trainer.accelerator)
+        return task_scores(self.objective.task, logits, labels)
 
     def restore_best(self, model: nn.Module) -> None:
         if self.best_state is not None:
@@ -543,7 +558,6 @@ def _run_dir(config: FinetuneConfig, seed: int) -> Path:
 
 
 def _run_full(config: FinetuneConfig, seed: int, run_dir: Path) -> dict[str, Any]:
-    from sslcore.trainer import Trainer
 
     run_config = copy.deepcopy(config)
     run_config.train.seed, run_config.train.output_dir = seed, str(run_dir)
@@ -555,15 +569,10 @@ def _run_full(config: FinetuneConfig, seed: int, run_dir: Path) -> dict[str, Any
     trainer = Trainer(objective, callbacks=[validate])
     fit = trainer.fit()
     stopper = objective.early_stopping
-    assert stopper is not None
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    stopper.restore_best(model)
-    logits, labels = predict(trainer.model, objective.encoded["test"], objective.collator,
-                             config.train.per_device_batch_size, trainer.accelerator)
-    test = task_scores(objective.task, logits, labels)
+    assert stopper is not None and stopper.test is not None  # the trainer always evaluates at the end
     if not config.keep_checkpoints and trainer.accelerator.is_main_process:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    return {"validation": stopper.best or {}, "test": test, "model_dir": str(fit.export_dir or run_dir / "model"),
+    return {"validation": stopper.best or {}, "test": stopper.test, "model_dir": str(fit.export_dir or run_dir / "model"),
             "steps": fit.step, "best_step": stopper.best_step}
 
 
@@ -605,7 +614,17 @@ def finetune(model: str | None = None, task: str | TaskConfig | None = None, pro
     if not config.seeds:
         raise ValueError("seeds is empty; give at least one seed, e.g. seeds=[0]")
     started = time.perf_counter()
-    state = PartialState()
+    # The same process group the trainer sets up (gloo under torchrun on a machine with no GPU); a
+    # plain PartialState() here would pin every process to single-process mode for the whole run.
+    state = PartialState(cpu=_multi_process_without_gpu())
+    if state.num_processes > 1 and config.protocol == "full":
+        unfinished = [seed for seed in config.seeds if _finished(config, seed) is None]
+        if len(unfinished) > 1:
+            raise ValueError(
+                f"{state.num_processes} processes and {len(unfinished)} seeds to train: the trainer ends each run by "
+                "tearing down the process group, so a multi-process launch trains one seed. Launch once per seed "
+                f"(--seeds [{unfinished[0]}], then [{unfinished[1]}], ...), then once with all of them: finished "
+                "seeds are read back, not retrained")
     task_data = load_task(config.task)
     runs, feature_cache = [], {}
     for seed in config.seeds:
@@ -634,18 +653,17 @@ def _finetune_one(config: FinetuneConfig, task: Task, seed: int, run_dir: Path, 
 
     `feature_cache` keeps a pretrained encoder's probe features across seeds: they do not depend on the seed.
     """
+    finished = _finished(config, seed)
+    if finished is not None:
+        logger.info("reusing finished run %s", run_dir)
+        return finished
     scores_path = run_dir / "scores.json"
-    fingerprint = json.loads(json.dumps({**cfg.to_dict(config), "seed": seed}))
-    fingerprint["train"].pop("output_dir")
-    if scores_path.is_file():
-        saved = json.loads(scores_path.read_text())
-        if saved.get("config") == fingerprint:
-            logger.info("reusing finished run %s", run_dir)
-            return saved
     run: dict[str, Any] = {}
     if config.protocol == "full":
-        run = _run_full(config, seed, run_dir)
-    elif state.is_main_process:  # the probe is cheap and deterministic: one process runs it
+        run = _run_full(config, seed, run_dir)  # every process holds the (gathered) scores
+    elif state.is_main_process or not _process_group_alive():
+        # The probe is cheap and deterministic: one process runs it while the others wait (each runs it
+        # when an earlier trainer run in this process has torn the process group down).
         if "encoded" not in feature_cache:
             tokenizer = load_tokenizer(config.model)
             feature_cache.update(tokenizer=tokenizer,
@@ -656,11 +674,37 @@ def _finetune_one(config: FinetuneConfig, task: Task, seed: int, run_dir: Path, 
             feature_cache["pretrained"] = features
         run = run_probe(config, task, encoded, features, seed, run_dir / "probe")
     if state.is_main_process:
-        run["config"] = fingerprint
+        run["config"] = _fingerprint(config, seed)
         run_dir.mkdir(parents=True, exist_ok=True)
         scores_path.write_text(json.dumps(run, indent=1))
-    state.wait_for_everyone()
+    if _process_group_alive():
+        state.wait_for_everyone()
     return run if run else json.loads(scores_path.read_text())
+
+
+def _process_group_alive() -> bool:
+    """Whether processes can still synchronise: the trainer destroys the group when a run ends."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _fingerprint(config: FinetuneConfig, seed: int) -> dict[str, Any]:
+    """What a finished run must match to be reused: every option that changes its result, and its seed."""
+    fingerprint = json.loads(json.dumps({**cfg.to_dict(config), "seed": seed}))
+    for key in ("seeds", "keep_checkpoints"):
+        fingerprint.pop(key)
+    for key in ("output_dir", "progress_bar", "log_every", "report_to"):
+        fingerprint["train"].pop(key)
+    return fingerprint
+
+
+def _finished(config: FinetuneConfig, seed: int) -> dict[str, Any] | None:
+    """The scores of a finished run of this config and seed, or None."""
+    scores_path = _run_dir(config, seed) / "scores.json"
+    if scores_path.is_file():
+        saved = json.loads(scores_path.read_text())
+        if saved.get("config") == _fingerprint(config, seed):
+            return saved
+    return None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -625,6 +625,25 @@ def load_task(config: TaskConfig | str, **overrides: Any) -> Task:
     return task
 
 
+def write_unlabelled_text(config: TaskConfig | str, path: str | Path, split: str = "train") -> Path:
+    """Write a split's texts, without labels, as a plain-text corpus (one text per line) for in-domain
+    ("task-adaptive") pretraining: `data.corpus.sources: [gensim-wiki, gensim-lee, <path>]`.
+
+    Only `train` (or `validation`) text may be used: pretraining on test text would leak it into the model.
+    """
+    if split not in ("train", "validation"):
+        raise TaskError(f"split={split!r}: only train or validation text may go into pretraining; "
+                        "test text would leak into the model that is scored on it")
+    task = load_task(config)
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for row in task.splits[split]:
+        lines.append(" ".join(row[c] for c in task.text_columns).replace("\n", " "))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 def label_counts(split: datasets.Dataset) -> dict[str, int]:
     """{class name: count} of a classification split."""
     names = split.features["label"].names
@@ -632,4 +651,4 @@ def label_counts(split: datasets.Dataset) -> dict[str, int]:
 
 
 __all__ = ["SPLITS", "Task", "TaskConfig", "TaskError", "TaskSpec", "describe_tasks", "label_counts", "list_tasks",
-           "load_task", "register_task", "split_digest", "stratified_split", "subsample"]
+           "load_task", "register_task", "split_digest", "stratified_split", "subsample", "write_unlabelled_text"]
