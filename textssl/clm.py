@@ -40,7 +40,7 @@ from textssl.tokenizer import TokenizerConfig
 logger = logging.getLogger(__name__)
 
 # The same function as GPT-2's "gelu_new", computed by one fused kernel instead of eight ops.
-_FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
+FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
 
 
 @dataclass
@@ -121,11 +121,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, chunk_tokens):
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        exact = torch.promote_types(dtype, torch.float32)  # softmax and sums: at least fp32
         valid = targets != IGNORE_INDEX
-        count = valid.sum().clamp(min=1).float()
+        count = valid.sum().clamp(min=1).to(exact)
         grad_hidden = torch.zeros_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_weight = torch.zeros_like(weight, dtype=exact)
+        total = torch.zeros((), dtype=exact, device=hidden.device)
         weight_c = weight.to(dtype)
         with torch.autocast(device, enabled=False):
             for start in range(0, hidden.shape[0], chunk_tokens):
@@ -133,7 +134,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 t = targets[start:start + chunk_tokens]
                 keep = valid[start:start + chunk_tokens]
                 t_safe = torch.where(keep, t, 0)
-                logits = (h @ weight_c.T).float()
+                logits = (h @ weight_c.T).to(exact)
                 target_logit = logits.gather(1, t_safe[:, None]).squeeze(1)
                 # Stable log-sum-exp, reusing exp(logits - max) for the softmax below.
                 peak = logits.amax(1, keepdim=True)
@@ -143,7 +144,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 total += torch.where(keep, log_z - target_logit, 0.0).sum()
                 grad_logits = logits.div_(sum_exp)  # softmax
                 grad_logits[torch.arange(len(t), device=t.device), t_safe] -= 1.0
-                grad_logits = grad_logits.mul_((keep.float() / count)[:, None]).to(dtype)
+                grad_logits = grad_logits.mul_((keep.to(exact) / count)[:, None]).to(dtype)
                 grad_hidden[start:start + chunk_tokens] = grad_logits @ weight_c
                 grad_weight += grad_logits.T @ h
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
@@ -168,9 +169,10 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens)
-    total, valid = hidden.new_zeros((), dtype=torch.float32), targets != IGNORE_INDEX
+    exact = torch.promote_types(hidden.dtype, torch.float32)
+    total, valid = hidden.new_zeros((), dtype=exact), targets != IGNORE_INDEX
     for start in range(0, hidden.shape[0], chunk_tokens):
-        logits = (hidden[start:start + chunk_tokens] @ weight.T).float()
+        logits = (hidden[start:start + chunk_tokens] @ weight.T).to(exact)
         total += torch.nn.functional.cross_entropy(logits, targets[start:start + chunk_tokens], reduction="sum")
     return total / valid.sum().clamp(min=1)
 
@@ -244,7 +246,7 @@ class CausalLMObjective(Objective):
             raise ValueError(f"model.n_positions={model.n_positions} is below data.max_seq_length="
                              f"{data.max_seq_length}; raise it")
         eos = self.tokenizer.eos_token_id
-        settings = {**vars(model), "activation_function": _FUSED_ACTIVATIONS.get(model.activation_function,
+        settings = {**vars(model), "activation_function": FUSED_ACTIVATIONS.get(model.activation_function,
                                                                                  model.activation_function)}
         config = GPT2Config(vocab_size=len(self.tokenizer), bos_token_id=eos, eos_token_id=eos, **settings)
         gpt = GPT2LMHeadModel(config)

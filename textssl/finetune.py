@@ -524,6 +524,7 @@ class FinetuneResult:
     output_dir: str
     dataset_id: str = ""
     seconds: float = 0.0
+    """Wall time of the runs, summed over seeds (as measured when each ran; reused runs count too)."""
 
     def mean(self, metric: str | None = None) -> float:
         return statistics.fmean(self.test[metric or self.main_metric])
@@ -613,7 +614,6 @@ def finetune(model: str | None = None, task: str | TaskConfig | None = None, pro
     config = cfg.build(FinetuneConfig, cfg.merge(cfg.to_dict(config), keywords))
     if not config.seeds:
         raise ValueError("seeds is empty; give at least one seed, e.g. seeds=[0]")
-    started = time.perf_counter()
     # The same process group the trainer sets up (gloo under torchrun on a machine with no GPU); a
     # plain PartialState() here would pin every process to single-process mode for the whole run.
     state = PartialState(cpu=_multi_process_without_gpu())
@@ -636,7 +636,7 @@ def finetune(model: str | None = None, task: str | TaskConfig | None = None, pro
         validation={m: [r["validation"].get(m, math.nan) for r in runs] for m in task_data.metrics},
         model_dirs=[r["model_dir"] for r in runs], steps=[r["steps"] for r in runs],
         output_dir=config.train.output_dir, dataset_id=task_data.dataset_id,
-        seconds=time.perf_counter() - started)
+        seconds=sum(r.get("seconds", 0.0) for r in runs))
     if state.is_main_process:
         if config.protocol == "full":
             for model_dir in result.model_dirs:
@@ -658,6 +658,7 @@ def _finetune_one(config: FinetuneConfig, task: Task, seed: int, run_dir: Path, 
         logger.info("reusing finished run %s", run_dir)
         return finished
     scores_path = run_dir / "scores.json"
+    started = time.perf_counter()
     run: dict[str, Any] = {}
     if config.protocol == "full":
         run = _run_full(config, seed, run_dir)  # every process holds the (gathered) scores
@@ -673,6 +674,8 @@ def _finetune_one(config: FinetuneConfig, task: Task, seed: int, run_dir: Path, 
         if config.model.init == "pretrained":
             feature_cache["pretrained"] = features
         run = run_probe(config, task, encoded, features, seed, run_dir / "probe")
+    if run:
+        run["seconds"] = round(time.perf_counter() - started, 1)
     if state.is_main_process:
         run["config"] = _fingerprint(config, seed)
         run_dir.mkdir(parents=True, exist_ok=True)

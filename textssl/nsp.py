@@ -164,7 +164,9 @@ class SentencePairObjective(Objective):
         return {**batch, "input_ids": masked, "labels": labels}
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["input_ids"].numel()
+        """Real tokens, padding excluded."""
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
     def build_optimizer(self, model: nn.Module, args: TrainConfig) -> torch.optim.Optimizer:
         """AdamW, fused (one kernel per tensor instead of a pass over memory per operation)."""

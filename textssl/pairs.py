@@ -239,8 +239,9 @@ class OtherDocumentSampler:
                 segments = segments.flatten_indices()
             table = segments.data.table
         else:
-            table = pa.Table.from_pylist(list(segments), schema=pa.schema(
-                [(k, SEGMENT_FEATURES[k].pa_type) for k in ("input_ids", "sentence_lengths", "doc", "part")]))
+            columns = datasets.Features({k: SEGMENT_FEATURES[k] for k in ("input_ids", "sentence_lengths", "doc", "part")})
+            table = pa.Table.from_pylist([{k: row[k] for k in columns} for row in segments],
+                                         schema=columns.arrow_schema)
         self.input_ids = _ListColumn(table.column("input_ids"))
         self.sentence_lengths = _ListColumn(table.column("sentence_lengths"))
         self.docs = table.column("doc").to_numpy()
@@ -508,8 +509,14 @@ class _PairsOfWindow:
 
 def stream_pairs(documents: datasets.IterableDataset, tokenizer: PreTrainedTokenizerFast, max_seq_length: int,
                  config: PairConfig, task: Task, seed: int) -> datasets.IterableDataset:
-    """Pairs of a streaming corpus, built lazily window by window; the stream keeps its shards, so
-    `split_dataset_by_node` (before or after this) gives each process disjoint documents."""
-    return documents.map(_PairsOfWindow(tokenizer, max_seq_length, config, task, seed), batched=True,
-                         batch_size=config.window_documents, remove_columns=list(documents.column_names or []),
-                         features=PAIR_FEATURES)
+    """Pairs of a streaming corpus, built lazily window by window.
+
+    The stream keeps its shards, so `split_dataset_by_node` (before or after this) gives each
+    process its own documents when the shard count is a multiple of the process count (otherwise
+    `datasets` has every process read everything and keep every N-th pair: still disjoint, slower).
+    """
+    # Only the two columns pairing reads travel on (the stream's column names may be unknown up front).
+    columns = ["doc_id", "sentences"]
+    return documents.select_columns(columns).map(
+        _PairsOfWindow(tokenizer, max_seq_length, config, task, seed), batched=True,
+        batch_size=config.window_documents, remove_columns=columns, features=PAIR_FEATURES)

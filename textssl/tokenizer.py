@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -103,7 +104,12 @@ def train_tokenizer(texts: Iterator[list[str]] | list[str], config: TokenizerCon
     tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
     fast.save_pretrained(tmp)
     (tmp / "selfsup_tokenizer.json").write_text(json.dumps({"version": TOKENIZER_VERSION, **asdict(config)}))
-    tmp.replace(out_dir) if not out_dir.exists() else None  # another process may have won the race
+    try:
+        tmp.replace(out_dir)
+    except OSError:  # another process finished the same tokenizer first: keep theirs, drop ours
+        if not (out_dir / "tokenizer.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("trained a %s tokenizer with %d tokens -> %s", config.kind, tok.get_vocab_size(), out_dir)
     return AutoTokenizer.from_pretrained(out_dir)
 
@@ -140,8 +146,9 @@ def tokenizer_for_corpus(corpus_train, config: TokenizerConfig, cache_dir: str |
 def word_start_table(tokenizer: PreTrainedTokenizerFast) -> torch.Tensor:
     """Bool per vocab id: True where the token starts a new word (specials count as starts).
 
-    WordPiece marks continuations ("##ing"); SentencePiece/Unigram and byte-level BPE mark
-    word starts ("▁the", "Ġthe"). Punctuation pieces are starts in every scheme.
+    WordPiece marks continuations ("##ing"), and punctuation is its own word. SentencePiece/Unigram
+    and byte-level BPE mark word starts ("▁the", "Ġthe"): a piece without the marker, punctuation
+    included, continues the whitespace-delimited word before it ("▁hello" "." is one word).
     """
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     model_type = backend["model"]["type"]
