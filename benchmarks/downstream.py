@@ -21,87 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import platform
 import sys
 import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
-
 from sslcore import config as cfg
-from textssl.finetune import PROTOCOL_NAMES, FinetuneResult, add_scores_to_model_card, finetune
+from textssl.downstream import compare_with_scratch, write_report
 
 ALL_TASKS = ["movie-sentiment", "trec-coarse", "sms-spam"]
 QUICK_TASKS = ["movie-sentiment"]
 HERE = Path(__file__).resolve().parent
-
-
-@dataclass
-class Row:
-    task: str
-    protocol: str
-    pretrained: FinetuneResult
-    scratch: FinetuneResult
-
-    @property
-    def metric(self) -> str:
-        return self.pretrained.main_metric
-
-    @property
-    def delta(self) -> float:
-        return self.pretrained.mean() - self.scratch.mean()
-
-    @property
-    def sigma(self) -> float:
-        return math.hypot(self.pretrained.std(), self.scratch.std())
-
-    @property
-    def helps(self) -> bool:
-        return self.delta > 2 * self.sigma
-
-
-def pretraining_budget(model_dir: Path) -> dict:
-    """What went into the checkpoint, from the run folder the trainer wrote around `model/`."""
-    run_dir = model_dir.parent
-    budget: dict = {"checkpoint": str(model_dir)}
-    run_config = run_dir / "config.json"
-    if run_config.is_file():
-        config = json.loads(run_config.read_text())
-        train, data = config.get("train", {}), config.get("data", {})
-        budget.update(objective=config.get("objective"), max_steps=train.get("max_steps"),
-                      batch=train.get("per_device_batch_size", 0) * train.get("gradient_accumulation_steps", 1),
-                      seq_len=data.get("max_seq_length"), sources=data.get("corpus", {}).get("sources"),
-                      encoder=config.get("model"), vocab_size=config.get("tokenizer", {}).get("vocab_size"))
-    metrics_file = run_dir / "metrics.jsonl"
-    if metrics_file.is_file():
-        records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-        steps = [r["step"] for r in records if "loss" in r]
-        evals = [r for r in records if "eval_loss" in r]
-        if steps:
-            budget["steps"] = max(steps)
-        if evals:
-            budget["final_eval_loss"] = evals[-1]["eval_loss"]
-            budget.update({k: v for k, v in evals[-1].items() if k.endswith("accuracy")})
-    timing = run_dir / "pretrain_seconds.json"
-    if timing.is_file():
-        budget.update(json.loads(timing.read_text()))
-    if budget.get("steps") and budget.get("batch") and budget.get("seq_len"):
-        budget["tokens"] = budget["steps"] * budget["batch"] * budget["seq_len"]
-    return budget
-
-
-def describe_budget(budget: dict) -> str:
-    parts = []
-    if budget.get("steps"):
-        parts.append(f"{budget['steps']} steps")
-    if budget.get("tokens"):
-        parts.append(f"{budget['tokens'] / 1e6:.1f}M tokens")
-    if budget.get("seconds"):
-        parts.append(f"{budget['seconds'] / 60:.0f} min CPU")
-    return ", ".join(parts) or "unknown"
 
 
 def pretrain_if_needed(args: argparse.Namespace) -> Path:
@@ -127,85 +56,6 @@ def pretrain_if_needed(args: argparse.Namespace) -> Path:
     return Path(result.export_dir)
 
 
-def run(args: argparse.Namespace) -> list[Row]:
-    model = pretrain_if_needed(args)
-    overrides = cfg.parse_overrides(["--train.progress_bar=false",
-                                     *(f"--{item.partition('=')[0]}={item.partition('=')[2]}" for item in args.set)])
-    rows = []
-    for task in args.tasks:
-        for protocol in args.protocols:
-            results = {}
-            for init in ("pretrained", "random"):
-                started = time.perf_counter()
-                results[init] = finetune(
-                    model=str(model), task=task, protocol=protocol, init=init, seeds=args.seeds,
-                    output_dir=str(Path(args.work_dir) / "finetune" / task), overrides=overrides)
-                print(f"{results[init].summary()} ({time.perf_counter() - started:.0f} s)", flush=True)
-            rows.append(Row(task, protocol, results["pretrained"], results["random"]))
-    return rows
-
-
-def markdown(rows: list[Row], budget: dict, args: argparse.Namespace, seconds: float) -> str:
-    command = " ".join(["python", "benchmarks/downstream.py", *sys.argv[1:]])
-    lines = [
-        "# Downstream: pretrained vs scratch",
-        "",
-        f"Written by `{command}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC "
-        f"({platform.machine()}, {os.cpu_count()} CPU cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); "
-        f"the benchmark took {seconds / 60:.1f} min.",
-        "",
-        f"Pretrained checkpoint: `{budget['checkpoint']}` ({budget.get('objective', '?')} on "
-        f"{', '.join(budget.get('sources') or ['?'])}; {describe_budget(budget)}"
-        + (f"; final eval loss {budget['final_eval_loss']:.3f}" if "final_eval_loss" in budget else "") + "). "
-        "Scratch = the same config with fresh weights and the same tokenizer; both arms get the same fine-tuning "
-        "budget and seeds. Scores are on each task's fixed test split: mean ± sample std over seeds. "
-        "sigma = sqrt(std_pretrained^2 + std_scratch^2); pretraining helps where delta > 2 sigma.",
-        "",
-        "| task | protocol | metric | pretrained | scratch | delta | delta / sigma | seeds | pretraining budget |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        ratio = row.delta / row.sigma if row.sigma > 0 else math.inf
-        lines.append(
-            f"| {row.task} | {PROTOCOL_NAMES[row.protocol]} | {row.metric} | "
-            f"{row.pretrained.mean():.4f} ± {row.pretrained.std():.4f} | {row.scratch.mean():.4f} ± {row.scratch.std():.4f} | "
-            f"{row.delta:+.4f} | {ratio:+.1f}{' (helps)' if row.helps else ''} | {len(row.pretrained.seeds)} | "
-            f"{describe_budget(budget)} |")
-    lines += ["", "Per seed (test, main metric; full fine-tuning also lists the optimizer steps early stopping kept):", ""]
-    for row in rows:
-        for name, result in (("pretrained", row.pretrained), ("scratch", row.scratch)):
-            steps = f", steps {result.steps}" if row.protocol == "full" else ""
-            lines.append(f"- {row.task}, {row.protocol}, {name}: "
-                         f"{[round(v, 4) for v in result.test[result.main_metric]]}{steps}; {result.seconds:.0f} s")
-    lines += ["", "![pretrained vs scratch](downstream.png)", ""]
-    return "\n".join(lines)
-
-
-def plot(rows: list[Row], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [f"{row.task}\n{row.protocol} ({row.metric})" for row in rows]
-    positions = range(len(rows))
-    width = 0.38
-    fig, ax = plt.subplots(figsize=(max(5.0, 2.2 * len(rows)), 4.2))
-    for offset, name, color in ((-width / 2, "pretrained", "#1f77b4"), (width / 2, "scratch", "#b0b0b0")):
-        results = [getattr(row, name) for row in rows]
-        ax.bar([p + offset for p in positions], [r.mean() for r in results], width, yerr=[r.std() for r in results],
-               capsize=4, label=name, color=color)
-    ax.set_xticks(list(positions), labels, fontsize=8)
-    ax.set_ylabel("test score (mean ± std over seeds)")
-    ax.set_ylim(0, 1)
-    ax.set_title(title, fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     pretrain_overrides = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
@@ -227,23 +77,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> list[Row]:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    model = pretrain_if_needed(args)
+    overrides = cfg.parse_overrides(["--train.progress_bar=false",
+                                     *(f"--{item.partition('=')[0]}={item.partition('=')[2]}" for item in args.set)])
     started = time.perf_counter()
-    rows = run(args)
-    model = Path(args.model) if args.model else Path(args.work_dir) / "pretrain" / "model"
-    budget = pretraining_budget(model)
-    results_path = Path(args.results)
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(markdown(rows, budget, args, time.perf_counter() - started))
-    plot(rows, results_path.with_name("downstream.png"),
-         f"{Path(budget['checkpoint']).parent.name}: pretrained ({describe_budget(budget)}) vs random init")
-    add_scores_to_model_card(model, [row.pretrained for row in rows])
-    (Path(args.work_dir) / "downstream.json").write_text(json.dumps(
-        {"budget": budget, "rows": [{"task": r.task, "protocol": r.protocol, "pretrained": r.pretrained.to_dict(),
-                                     "scratch": r.scratch.to_dict()} for r in rows]}, indent=1, default=str))
-    print(results_path.read_text())
-    print(f"wrote {results_path}, {results_path.with_name('downstream.png')}; scores added to {model / 'README.md'}")
+    rows = compare_with_scratch(model, args.tasks, args.protocols, args.seeds, args.work_dir, overrides)
+    command = " ".join(["python", "benchmarks/downstream.py", *argv])
+    print(write_report(rows, model, args.results, command, time.perf_counter() - started))
+    print(f"wrote {args.results} and {Path(args.results).with_suffix('.png')}; scores added to {model / 'README.md'}")
     return rows
 
 

@@ -135,6 +135,18 @@ class StepClock:
             self.lockstep.wait_turn(self.side)
         self.started = time.perf_counter()
 
+    def timed(self, skip_steps: int, steps: int) -> list[float]:
+        """Durations of optimizer steps skip_steps + 1 ... skip_steps + steps."""
+        if len(self.durations) < skip_steps + steps:
+            raise RuntimeError(f"{len(self.durations)} steps were clocked, {skip_steps + steps} expected")
+        return self.durations[skip_steps:skip_steps + steps]
+
+    def seconds(self, skip_steps: int, steps: int) -> float:
+        return sum(self.timed(skip_steps, steps))
+
+    def median_step(self, skip_steps: int, steps: int) -> float:
+        return statistics.median(self.timed(skip_steps, steps))
+
 
 class _ClockCallback(TrainerCallback):
     """transformers side: a timestamp after each optimizer step (before its logging, as on ours)."""

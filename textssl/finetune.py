@@ -21,6 +21,7 @@ keeps the checkpoint's tokenizer, so both arms see the same input.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -42,6 +43,7 @@ from huggingface_hub import EvalResult, ModelCard
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
+import transformers
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -219,6 +221,18 @@ def _label_config(task: Task) -> dict[str, Any]:
             "label2id": {name: i for i, name in enumerate(task.label_names)}}
 
 
+@contextlib.contextmanager
+def _quiet_load_report():
+    """transformers prints a load report per `from_pretrained` listing the new head and the unused
+    pretraining heads; both are expected here, and a benchmark loads the checkpoint dozens of times."""
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
 def build_classifier(model: FinetuneModelConfig, task: Task, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
     """`AutoModelForSequenceClassification` from the checkpoint, or the same config with fresh weights."""
     options = _label_config(task)
@@ -226,8 +240,9 @@ def build_classifier(model: FinetuneModelConfig, task: Task, tokenizer: PreTrain
         options["classifier_dropout"] = model.classifier_dropout
     options["pad_token_id"] = tokenizer.pad_token_id
     if model.init == "pretrained":
-        return AutoModelForSequenceClassification.from_pretrained(
-            model.path, trust_remote_code=model.trust_remote_code, **options)
+        with _quiet_load_report():
+            return AutoModelForSequenceClassification.from_pretrained(
+                model.path, trust_remote_code=model.trust_remote_code, **options)
     config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code, **options)
     return AutoModelForSequenceClassification.from_config(config, trust_remote_code=model.trust_remote_code)
 
@@ -235,7 +250,8 @@ def build_classifier(model: FinetuneModelConfig, task: Task, tokenizer: PreTrain
 def build_encoder(model: FinetuneModelConfig) -> nn.Module:
     """The bare encoder (`AutoModel`) for the probe: from the checkpoint or freshly initialised."""
     if model.init == "pretrained":
-        return AutoModel.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+        with _quiet_load_report():
+            return AutoModel.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
     config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
     return AutoModel.from_config(config, trust_remote_code=model.trust_remote_code)
 
