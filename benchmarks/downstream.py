@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -83,10 +84,9 @@ def main(argv: list[str] | None = None):
     model = pretrain_if_needed(args)
     overrides = cfg.parse_overrides(["--train.progress_bar=false",
                                      *(f"--{item.partition('=')[0]}={item.partition('=')[2]}" for item in args.set)])
-    started = time.perf_counter()
     rows = compare_with_scratch(model, args.tasks, args.protocols, args.seeds, args.work_dir, overrides)
-    command = " ".join(["python", "benchmarks/downstream.py", *argv])
-    print(write_report(rows, model, args.results, command, time.perf_counter() - started))
+    command = shlex.join(["python", "benchmarks/downstream.py", *argv])
+    print(write_report(rows, model, args.results, command))
     print(f"wrote {args.results} and {Path(args.results).with_suffix('.png')}; scores added to {model / 'README.md'}")
     return rows
 

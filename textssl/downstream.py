@@ -18,7 +18,6 @@ import json
 import math
 import os
 import platform
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -69,11 +68,10 @@ def compare_with_scratch(model: str | Path, tasks: Sequence[str], protocols: Seq
         for protocol in protocols:
             results = {}
             for init in ("pretrained", "random"):
-                started = time.perf_counter()
                 results[init] = finetune(model=str(model), task=task, protocol=protocol, init=init, seeds=list(seeds),
                                          output_dir=str(Path(work_dir) / "finetune" / task), overrides=overrides)
-                if verbose:
-                    print(f"{results[init].summary()} ({time.perf_counter() - started:.0f} s)", flush=True)
+                if verbose:  # seconds as measured when each seed ran (finished seeds are reused)
+                    print(f"{results[init].summary()} ({results[init].seconds:.0f} s)", flush=True)
             rows.append(Comparison(task, protocol, results["pretrained"], results["random"]))
     return rows
 
@@ -120,15 +118,16 @@ def describe_budget(budget: dict[str, Any]) -> str:
     return ", ".join(parts) or "unknown"
 
 
-def comparison_table(rows: Sequence[Comparison], budget: dict[str, Any], command: str, seconds: float,
+def comparison_table(rows: Sequence[Comparison], budget: dict[str, Any], command: str,
                      plot_name: str = "downstream.png") -> str:
     """The markdown report: summary table, then every seed's score."""
+    seconds = sum(row.pretrained.seconds + row.scratch.seconds for row in rows)
     lines = [
         "# Downstream: pretrained vs scratch",
         "",
         f"Written by `{command}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC "
         f"({platform.machine()}, {os.cpu_count()} CPU cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); "
-        f"fine-tuning took {seconds / 60:.1f} min.",
+        f"fine-tuning and probing took {seconds / 60:.1f} min (every run, as measured when it ran).",
         "",
         f"Pretrained checkpoint: `{budget['checkpoint']}` ({budget.get('objective', '?')} on "
         f"{', '.join(budget.get('sources') or ['?'])}; {describe_budget(budget)}"
@@ -147,7 +146,7 @@ def comparison_table(rows: Sequence[Comparison], budget: dict[str, Any], command
             f"{row.pretrained.mean():.4f} ± {row.pretrained.std():.4f} | {row.scratch.mean():.4f} ± {row.scratch.std():.4f} | "
             f"{row.delta:+.4f} | {ratio:+.1f}{' (helps)' if row.helps else ''} | {len(row.pretrained.seeds)} | "
             f"{describe_budget(budget)} |")
-    lines += ["", "Per seed (test, main metric; full fine-tuning also lists the optimizer steps early stopping kept):", ""]
+    lines += ["", "Per seed (test, main metric; full fine-tuning also lists the optimizer steps each run trained):", ""]
     for row in rows:
         for name, result in (("pretrained", row.pretrained), ("scratch", row.scratch)):
             steps = f", steps {result.steps}" if row.protocol == "full" else ""
@@ -189,15 +188,14 @@ def plot_comparison(rows: Sequence[Comparison], path: str | Path, title: str) ->
     plt.close(fig)
 
 
-def write_report(rows: Sequence[Comparison], model: str | Path, results_path: str | Path, command: str = "",
-                 seconds: float = 0.0) -> str:
+def write_report(rows: Sequence[Comparison], model: str | Path, results_path: str | Path, command: str = "") -> str:
     """Write the markdown table, the bar chart beside it (same name, .png), a JSON of every score, and add
     the pretrained arm's scores to the model's card. Returns the markdown."""
     results_path = Path(results_path)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     budget = pretraining_budget(model)
     plot_path = results_path.with_suffix(".png")
-    text = comparison_table(rows, budget, command or "textssl.downstream.write_report", seconds, plot_path.name)
+    text = comparison_table(rows, budget, command or "textssl.downstream.write_report", plot_path.name)
     results_path.write_text(text)
     plot_comparison(rows, plot_path, f"{budget['checkpoint']}\npretrained ({describe_budget(budget)}) vs random init")
     results_path.with_suffix(".json").write_text(json.dumps(
