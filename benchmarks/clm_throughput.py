@@ -47,14 +47,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import datasets  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import GPT2LMHeadModel, TrainerCallback, TrainingArguments, default_data_collator, set_seed  # noqa: E402
+from transformers import GPT2LMHeadModel, TrainingArguments, default_data_collator, set_seed  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mlm_throughput import StepClock, device_name  # noqa: E402  (same timing and device report as the MLM benchmark)
+from mlm_throughput import (  # noqa: E402  (same timing, config fixing and device report as the MLM benchmark)
+    LOSS_WINDOW,
+    StepClock,
+    _ClockCallback,
+    device_name,
+    quiet_config,
+)
 
 import textssl  # noqa: E402,F401  (registers gpt_clm)
 from sslcore import config as cfg  # noqa: E402
-from sslcore.api import build_config  # noqa: E402
 from sslcore.objective import Objective  # noqa: E402
 from sslcore.trainer import Trainer  # noqa: E402
 from textssl.clm import (  # noqa: E402
@@ -67,32 +72,8 @@ from textssl.clm import (  # noqa: E402
 
 DEFAULT_CONFIG = "recipes/configs/gpt_clm_tiny.yaml"
 DEFAULT_RESULTS = Path(__file__).parent / "results" / "clm_throughput.md"
-LOSS_WINDOW = 10
-"""Both trainers log the mean loss of the last LOSS_WINDOW steps; the last such log is compared."""
-
-_OWNED_KEYS = {
-    "train.max_steps": "use --steps / --skip-steps",
-    "train.log_every": f"both sides log every {LOSS_WINDOW} steps so their losses compare",
-    "train.save_every": "periodic checkpoints would be timed on our side only",
-    "train.eval_every": "periodic eval would be timed on our side only",
-    "train.export": "the export is not part of training",
-    "train.progress_bar": "the bar is off on both sides",
-    "train.report_to": "trackers are off on both sides",
-    "train.output_dir": "runs go to a temporary folder",
-    "train.resume": "both sides start from scratch",
-}
 _HF_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup",
                  "inverse_sqrt": "inverse_sqrt"}
-
-
-class _ClockCallback(TrainerCallback):
-    """transformers side: a timestamp after each optimizer step (before its logging, as on ours)."""
-
-    def __init__(self, clock: StepClock):
-        self.clock = clock
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.clock.tick()
 
 
 @dataclass(frozen=True)
@@ -192,20 +173,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def benchmark_config(path: str, overrides: list[str], max_steps: int) -> CLMConfig:
-    """The preset + the user's overrides + what the benchmark fixes for a fair, quiet comparison."""
-    user = cfg.parse_overrides(overrides) if overrides else {}
-    for dotted, why in _OWNED_KEYS.items():
-        section, key = dotted.split(".")
-        if key in user.get(section, {}):
-            raise cfg.ConfigError(f"--{dotted} is set by the benchmark ({why}); drop it from the command line")
-    fixed = {"train": {"max_steps": max_steps, "log_every": LOSS_WINDOW, "save_every": 0, "eval_every": 0,
-                       "export": False, "progress_bar": False, "report_to": [], "resume": None}}
-    config = build_config(path, cfg.merge(user, fixed))
-    if config.objective != "gpt_clm":
-        raise cfg.ConfigError(f"{path} trains {config.objective!r}; this benchmark compares gpt_clm configs")
-    if config.train.mixed_precision is None:
-        config.train.mixed_precision = "no"  # pin it: an `accelerate config` default would apply to ours only
-    return config
+    return quiet_config(path, overrides, max_steps, "gpt_clm")
 
 
 def reference_gpt2_config(config: CLMConfig, tokenizer, activation: str | None = None) -> transformers.GPT2Config:

@@ -77,8 +77,8 @@ DEFAULT_RESULTS = Path(__file__).parent / "results" / "mlm_throughput.md"
 LOSS_WINDOW = 10
 """Both trainers log the mean loss of the last LOSS_WINDOW steps; the last such log is compared."""
 
-# Keys this benchmark sets itself (timing and fairness); overriding them would break the comparison.
-_OWNED_KEYS = {
+# Keys a throughput benchmark sets itself (timing and fairness); overriding them would break the comparison.
+TRAIN_OWNED_KEYS = {
     "train.max_steps": "use --steps / --skip-steps",
     "train.log_every": f"both sides log every {LOSS_WINDOW} steps so their losses compare",
     "train.save_every": "periodic checkpoints would be timed on our side only",
@@ -88,8 +88,9 @@ _OWNED_KEYS = {
     "train.report_to": "trackers are off on both sides",
     "train.output_dir": "runs go to a temporary folder",
     "train.resume": "both sides start from scratch",
-    "masking.whole_word": "run_mlm masks single tokens, so ours must too for the losses to compare",
 }
+_OWNED_KEYS = {**TRAIN_OWNED_KEYS,
+               "masking.whole_word": "run_mlm masks single tokens, so ours must too for the losses to compare"}
 _HF_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup",
                  "inverse_sqrt": "inverse_sqrt"}
 
@@ -233,22 +234,28 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, overrides
 
 
-def benchmark_config(path: str, overrides: list[str], max_steps: int) -> MLMConfig:
-    """The preset + the user's overrides + what the benchmark fixes for a fair, quiet comparison."""
+def quiet_config(path: str, overrides: list[str], max_steps: int, objective: str,
+                 owned_keys: dict[str, str] = TRAIN_OWNED_KEYS, fixed: dict | None = None):
+    """The preset + the user's overrides + what a throughput benchmark fixes for a fair, quiet comparison
+    (no checkpoints, eval, export, bar or trackers; logs every LOSS_WINDOW steps; precision pinned)."""
     user = cfg.parse_overrides(overrides) if overrides else {}
-    for dotted, why in _OWNED_KEYS.items():
+    for dotted, why in owned_keys.items():
         section, key = dotted.split(".")
         if key in user.get(section, {}):
             raise cfg.ConfigError(f"--{dotted} is set by the benchmark ({why}); drop it from the command line")
-    fixed = {"masking": {"whole_word": False},
-             "train": {"max_steps": max_steps, "log_every": LOSS_WINDOW, "save_every": 0, "eval_every": 0,
+    quiet = {"train": {"max_steps": max_steps, "log_every": LOSS_WINDOW, "save_every": 0, "eval_every": 0,
                        "export": False, "progress_bar": False, "report_to": [], "resume": None}}
-    config = build_config(path, cfg.merge(user, fixed))
-    if config.objective != "bert_mlm":
-        raise cfg.ConfigError(f"{path} trains {config.objective!r}; this benchmark compares bert_mlm configs")
+    config = build_config(path, cfg.merge(cfg.merge(user, quiet), fixed or {}))
+    if config.objective != objective:
+        raise cfg.ConfigError(f"{path} trains {config.objective!r}; this benchmark compares {objective} configs")
     if config.train.mixed_precision is None:
         config.train.mixed_precision = "no"  # pin it: an `accelerate config` default would apply to ours only
     return config
+
+
+def benchmark_config(path: str, overrides: list[str], max_steps: int) -> MLMConfig:
+    """`quiet_config` for bert_mlm, with single-token masking (what run_mlm's collator does)."""
+    return quiet_config(path, overrides, max_steps, "bert_mlm", _OWNED_KEYS, {"masking": {"whole_word": False}})
 
 
 # -- the two sides -----------------------------------------------------------------------------
