@@ -190,6 +190,8 @@ class Trainer:
         with acc.main_process_first():
             self.objective.prepare(acc)
         train_loader, sampler = self._train_loader()
+        # Seed again: what `prepare` drew (building a corpus, or finding it cached) must not move the init.
+        set_seed(args.seed)
         model = self.objective.build_model()
         optimizer, scheduler = self._optimizer_and_schedule(model)
         # The scheduler is stepped by hand once per optimizer step: prepared schedulers step once
