@@ -55,6 +55,7 @@ from mlm_throughput import (  # noqa: E402  (same timing, config fixing and devi
     StepClock,
     _ClockCallback,
     device_name,
+    parse_benchmark_args,
     quiet_config,
 )
 
@@ -151,25 +152,8 @@ class RunResult:
 
 # -- configuration ---------------------------------------------------------------------------
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(
-        description="Tokens/s and final loss of our gpt_clm trainer vs transformers' run_clm.py way, in one run. "
-                    "Extra --section.key VALUE arguments override the config.", allow_abbrev=False)
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="gpt_clm YAML preset (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run (default: %(default)s)")
-    parser.add_argument("--skip-steps", type=int, default=10,
-                        help="untimed optimizer steps before the timed ones (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per side, order rotating (default: %(default)s)")
-    parser.add_argument("--ablations", action="store_true",
-                        help="also run our side with each speed-up switched off, and run_clm with the fused GELU")
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS,
-                        help="markdown file the table is written to (default: %(default)s)")
-    args, overrides = parser.parse_known_args(argv)
-    if args.steps < LOSS_WINDOW or args.skip_steps < 1 or args.repeats < 1:
-        parser.error(f"need --steps >= {LOSS_WINDOW}, --skip-steps >= 1 and --repeats >= 1")
-    if (args.steps + args.skip_steps) % LOSS_WINDOW:
-        parser.error(f"--steps + --skip-steps must be a multiple of {LOSS_WINDOW} so the last logged loss is "
-                     f"the mean of the last {LOSS_WINDOW} steps on both sides; got {args.steps} + {args.skip_steps}")
-    return args, overrides
+    return parse_benchmark_args(argv, "gpt_clm", "run_clm", DEFAULT_CONFIG, 30, DEFAULT_RESULTS,
+                                "also run our side with each speed-up switched off, and run_clm with the fused GELU")
 
 
 def benchmark_config(path: str, overrides: list[str], max_steps: int) -> CLMConfig:

@@ -210,20 +210,21 @@ class RunResult:
 
 
 # -- configuration ---------------------------------------------------------------------------
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+def parse_benchmark_args(argv: list[str], objective: str, reference: str, default_config: str, default_steps: int,
+                         default_results: Path, ablations_help: str) -> tuple[argparse.Namespace, list[str]]:
+    """The options every throughput benchmark takes; unknown `--section.key VALUE` ones are config overrides."""
     parser = argparse.ArgumentParser(
-        description="Tokens/s and final loss of our bert_mlm trainer vs transformers' run_mlm.py way, "
+        description=f"Tokens/s and final loss of our {objective} trainer vs transformers' {reference}.py way, "
                     "in one run. Extra --section.key VALUE arguments override the config.",
         allow_abbrev=False)
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="bert_mlm YAML preset (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=60, help="timed optimizer steps per run (default: %(default)s)")
+    parser.add_argument("--config", default=default_config, help=f"{objective} YAML preset (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=default_steps,
+                        help="timed optimizer steps per run (default: %(default)s)")
     parser.add_argument("--skip-steps", type=int, default=10,
                         help="untimed optimizer steps before the timed ones (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per side, order rotating (default: %(default)s)")
-    parser.add_argument("--ablations", action="store_true",
-                        help="also run our side with each speed-up switched off: "
-                             + "; ".join(v.name for v in ABLATIONS))
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS,
+    parser.add_argument("--ablations", action="store_true", help=ablations_help)
+    parser.add_argument("--results", type=Path, default=default_results,
                         help="markdown file the table is written to (default: %(default)s)")
     args, overrides = parser.parse_known_args(argv)
     if args.steps < LOSS_WINDOW or args.skip_steps < 1 or args.repeats < 1:
@@ -232,6 +233,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         parser.error(f"--steps + --skip-steps must be a multiple of {LOSS_WINDOW} so the last logged loss is "
                      f"the mean of the last {LOSS_WINDOW} steps on both sides; got {args.steps} + {args.skip_steps}")
     return args, overrides
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    return parse_benchmark_args(argv, "bert_mlm", "run_mlm", DEFAULT_CONFIG, 60, DEFAULT_RESULTS,
+                                "also run our side with each speed-up switched off: "
+                                + "; ".join(v.name for v in ABLATIONS))
 
 
 def quiet_config(path: str, overrides: list[str], max_steps: int, objective: str,
