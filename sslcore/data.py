@@ -123,3 +123,108 @@ class SeededIterable(IterableDataset):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.position, self._resume_from = state["epoch"], state["position"], state["dataset"]
+
+
+class BatchPlan:
+    """The micro-batches of one epoch as lists of dataset indices: a pure function of (seed, epoch),
+    the same on every process. The trainer deals them out (process p takes p, p+N, ...) and
+    resumes at (epoch, micro-batch) with no replay. Subclass for length buckets and the like."""
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        raise NotImplementedError
+
+
+class ShuffledBatches(BatchPlan):
+    """A seeded permutation per epoch (or the natural order), cut into `batch_size` rows."""
+
+    def __init__(self, length: int, batch_size: int, seed: int, shuffle: bool = True, drop_last: bool = True):
+        self.length, self.batch_size, self.seed = length, batch_size, seed
+        self.shuffle, self.drop_last = shuffle, drop_last
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        if self.shuffle:
+            order = torch.randperm(self.length, generator=generator_for(example_seed(self.seed, epoch, -1))).tolist()
+        else:
+            order = list(range(self.length))
+        end = self.length - self.length % self.batch_size if self.drop_last else self.length
+        return [order[i: i + self.batch_size] for i in range(0, end, self.batch_size)]
+
+
+class LengthGroupedBatches(BatchPlan):
+    """Batches of examples of similar length, so little of a batch is padding (audio, text).
+
+    Each epoch: a seeded shuffle, cut into groups of `group_batches` batches' worth of examples;
+    each group sorted by length and cut into batches; then the batches shuffled. With
+    `max_units`, a batch holds as many examples as fit in `max_units` padded units (samples,
+    tokens: fairseq's max_tokens), at most `batch_size`; otherwise exactly `batch_size`.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, max_units: int | None = None,
+                 group_batches: int = 50, shuffle: bool = True):
+        self.lengths = torch.as_tensor(lengths, dtype=torch.long)
+        self.batch_size, self.seed, self.max_units = batch_size, seed, max_units
+        self.group_batches, self.shuffle = group_batches, shuffle
+        if max_units is not None and int(self.lengths.max()) > max_units:
+            raise ValueError(f"an example of length {int(self.lengths.max())} exceeds max_units={max_units}; "
+                             "raise it or drop long examples")
+
+    def _cut(self, indices: list[int]) -> list[list[int]]:
+        if self.max_units is None:
+            end = len(indices) - len(indices) % self.batch_size
+            return [indices[i: i + self.batch_size] for i in range(0, end, self.batch_size)]
+        batches, current, longest = [], [], 0
+        for index in indices:
+            length = int(self.lengths[index])
+            if current and (max(longest, length) * (len(current) + 1) > self.max_units
+                            or len(current) == self.batch_size):
+                batches.append(current)
+                current, longest = [], 0
+            current.append(index)
+            longest = max(longest, length)
+        if current:
+            batches.append(current)
+        return batches
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        generator = generator_for(example_seed(self.seed, epoch, -2))
+        n = len(self.lengths)
+        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        group = self.group_batches * self.batch_size
+        batches: list[list[int]] = []
+        for start in range(0, n, group):
+            members = order[start: start + group]
+            by_length = members[torch.argsort(self.lengths[members], descending=True, stable=True)]
+            batches.extend(self._cut(by_length.tolist()))
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return batches
+
+
+class ProcessBatches(Sampler):
+    """This process's share of a `BatchPlan`, as a batch sampler of `(epoch, index)` keys.
+
+    Process p takes micro-batches p, p+N, p+2N... of the epoch, only from rounds every process
+    can fill (so all processes run the same number of steps and collectives never hang);
+    `start` skips this many of its own micro-batches (resume, without reading them).
+    `limit` caps its micro-batches (eval_batches counted globally: limit = cap // N).
+    """
+
+    def __init__(self, plan: BatchPlan, rank: int, world: int, limit: int | None = None):
+        self.plan, self.rank, self.world, self.limit = plan, rank, world, limit
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _mine(self) -> list[list[int]]:
+        batches = self.plan.batches(self.epoch)
+        rounds = len(batches) // self.world
+        mine = batches[self.rank: rounds * self.world: self.world]
+        return mine[: self.limit] if self.limit is not None else mine
+
+    def __len__(self) -> int:
+        return len(self._mine())
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self._mine()[self.start:]:
+            yield [(self.epoch, index) for index in batch]

@@ -42,6 +42,9 @@ class TrainConfig:
     """Autocast precision; None = what `accelerate config` / `accelerate launch` says."""
     num_workers: int = 0
     """DataLoader worker processes (0 = load in the training process; best on 2 cores)."""
+    num_threads: int | None = None
+    """torch threads per process; None = OMP_NUM_THREADS if you set it (outside `accelerate launch`),
+    else this machine's cores / its processes (`accelerate launch` alone would leave one thread)."""
     log_every: int = 10
     """Log loss, throughput and ETA every N steps."""
     eval_every: int = 0
@@ -52,8 +55,11 @@ class TrainConfig:
     """Write a checkpoint every N steps (and always at the end); 0 = only at the end."""
     keep_checkpoints: int = 2
     """How many most recent checkpoints to keep."""
+    save_on_each_node: bool = False
+    """Multi-node runs without a shared file system: every machine writes the checkpoint to its own disk."""
     resume: str | None = None
-    """Resume from `latest` (the newest checkpoint in output_dir) or a checkpoint path."""
+    """`latest` (the newest checkpoint in output_dir; an error if there is none), `auto` (resume if
+    there is one, else start: for job schedulers that restart the same command), or a checkpoint path."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A NaN/inf loss: stop with an error, or skip that batch (stopping after 10 in a row)."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
@@ -62,6 +68,22 @@ class TrainConfig:
     """Show a tqdm bar on the main process."""
     export: bool = True
     """Export the trained model to output_dir/model at the end."""
+
+    def __post_init__(self) -> None:
+        # Ranges a type cannot express; `sslcore.config.build` reports these as config errors.
+        at_least = {"max_steps": 1, "per_device_batch_size": 1, "gradient_accumulation_steps": 1, "log_every": 1,
+                    "keep_checkpoints": 1, "eval_every": 0, "save_every": 0, "num_workers": 0, "warmup_steps": 0,
+                    "eval_batches": 1, "num_threads": 1, "learning_rate": 0.0, "weight_decay": 0.0}
+        for name, low in at_least.items():
+            value = getattr(self, name, None)
+            if value is not None and value < low:
+                raise ValueError(f"train.{name} must be >= {low}, got {value}")
+        for name in ("warmup_ratio", "adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"train.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.adam_epsilon <= 0 or (self.max_grad_norm is not None and self.max_grad_norm <= 0):
+            raise ValueError("train.adam_epsilon and train.max_grad_norm must be > 0 (max_grad_norm: null turns "
+                             "clipping off)")
 
 
 @dataclass

@@ -57,14 +57,14 @@ class ToyRegression(Objective):
     def build_model(self):
         return nn.Linear(4, 1, bias=False)
 
-    def loss(self, model, batch):
+    def loss(self, model, batch, ctx):
         error = model(batch["x"]).squeeze(-1) - batch["y"]
-        loss = (error ** 2).mean()
+        total = (error ** 2).sum()
         if self.config.nan_at_step is not None and model.training:
             self.steps += 1
             if self.steps >= self.config.nan_at_step:
-                loss = loss * float("nan")
-        return loss, {"abs_error": error.abs().mean().detach()}
+                total = total * float("nan")
+        return ctx.mean("loss", total), {"abs_error": error.abs().mean().detach()}
 
     def export(self, model, out_dir, summary):
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +124,7 @@ def test_nonfinite_loss_stops_with_advice_and_keeps_earlier_checkpoints(tmp_path
 
 
 def test_nonfinite_skip_mode_skips_then_gives_up(tmp_path):
-    with pytest.raises(NonFiniteLossError, match="10 batches in a row"):
+    with pytest.raises(NonFiniteLossError, match="10 steps in a row"):
         fit(tmp_path, nan_at_step=3, on_nonfinite="skip")
 
 

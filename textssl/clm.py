@@ -29,7 +29,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GenerationConfig, pipeline
 
 from sslcore.config import to_dict
 from sslcore.hub import write_model_card
-from sslcore.objective import Objective
+from sslcore.objective import LossContext, Objective
 from sslcore.registry import register_objective
 from sslcore.run_config import RunConfig, TrainConfig
 from textssl.data import TextDataConfig, describe_corpus, export_text_model, load_text, materialize
@@ -240,6 +240,11 @@ class CausalLMObjective(Objective):
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["input_ids"].numel()
 
+    def targets(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        """Predicted tokens: every position but the last of each block."""
+        rows, length = batch["input_ids"].shape
+        return {"next_token": rows * (length - 1)}
+
     def build_model(self) -> nn.Module:
         model, data = self.config.model, self.config.data
         if model.n_positions < data.max_seq_length:
@@ -258,9 +263,10 @@ class CausalLMObjective(Objective):
         return torch.optim.AdamW(self.parameter_groups(model, args.weight_decay), lr=args.learning_rate,
                                  betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, fused=True)
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-        loss = model(**batch)
-        return loss, {"perplexity": torch.exp(loss.detach().clamp(max=50.0))}
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor],
+             ctx: LossContext) -> tuple[torch.Tensor, dict[str, Any]]:
+        mean = model(**batch)  # blocks are full, so mean x predictions is the exact sum
+        return ctx.mean("next_token", mean * self.targets(batch)["next_token"]), {}
 
     def export(self, model: CausalLMWithFusedLoss, out_dir: Path, summary: dict[str, Any]) -> Path:
         sample, shape = self.config.sample, self.config.model

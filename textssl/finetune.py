@@ -55,7 +55,7 @@ from transformers import (
 
 from sslcore import config as cfg
 from sslcore.hub import write_model_card
-from sslcore.objective import Objective
+from sslcore.objective import LossContext, Objective, Ratio
 from sslcore.registry import register_objective
 from sslcore.run_config import RunConfig, TrainConfig
 from sslcore.trainer import Trainer, _multi_process_without_gpu
@@ -385,11 +385,14 @@ class SequenceClassificationObjective(Objective):
     def build_model(self) -> nn.Module:
         return build_classifier(self.config.model, self.task, self.tokenizer)
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor],
+             ctx: LossContext) -> tuple[torch.Tensor, dict[str, Any]]:
         out = model(**batch)
+        rows = len(batch["labels"])
+        total = ctx.mean("loss", out.loss * rows)  # the model's mean over this batch, as a sum
         if self.task.problem == "regression":
-            return out.loss, {}
-        return out.loss, {"accuracy": (out.logits.detach().argmax(-1) == batch["labels"]).float().mean()}
+            return total, {}
+        return total, {"accuracy": Ratio((out.logits.detach().argmax(-1) == batch["labels"]).sum(), rows)}
 
     def export(self, model: nn.Module, out_dir: Path, summary: dict[str, Any]) -> Path:
         """The best validation weights as a stock transformers folder, with a model card."""

@@ -15,7 +15,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import BertLayer, eager_attention_forward
 
 from sslcore.data import generator_for
-from sslcore.objective import Objective
+from sslcore.objective import LossContext, Objective, Ratio
 from sslcore.registry import register_objective
 from sslcore.run_config import RunConfig, TrainConfig
 from textssl.data import TextDataConfig, describe_corpus, export_text_model, load_text, materialize
@@ -124,11 +124,16 @@ def bert_layer_at(layer: BertLayer, hidden: torch.Tensor, selected: torch.Tensor
     return layer.feed_forward_chunk(attended)[filled]
 
 
-def mlm_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Cross-entropy over masked positions, plus accuracy (logits/targets already selected)."""
-    loss = F.cross_entropy(logits.float(), targets)
-    accuracy = (logits.detach().argmax(-1) == targets).float().mean()
-    return loss, {"mlm_accuracy": accuracy}
+def mlm_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, Ratio]]:
+    """SUMMED cross-entropy over masked positions (the caller divides by the step's masked-token
+    count), plus accuracy as an exact ratio (logits/targets already selected)."""
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+    correct = (logits.detach().argmax(-1) == targets).sum()
+    return loss, {"mlm_accuracy": Ratio(correct, targets.numel())}
+
+
+def masked_token_count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return (batch["labels"] != IGNORE_INDEX).sum()
 
 
 @register_objective
@@ -177,6 +182,9 @@ class MaskedLMObjective(Objective):
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["input_ids"].numel()
 
+    def targets(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"mlm": masked_token_count(batch)}
+
     def build_model(self) -> nn.Module:
         config = BertConfig(vocab_size=len(self.tokenizer), pad_token_id=self.tokenizer.pad_token_id,
                             type_vocab_size=2, **vars(self.config.model))
@@ -188,9 +196,11 @@ class MaskedLMObjective(Objective):
         return torch.optim.AdamW(self.parameter_groups(model, args.weight_decay), lr=args.learning_rate,
                                  betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, fused=True)
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor],
+             ctx: LossContext) -> tuple[torch.Tensor, dict[str, Any]]:
         logits, targets = model(**batch)
-        return mlm_loss(logits, targets)
+        total, logs = mlm_loss(logits, targets)
+        return ctx.mean("mlm", total), logs
 
     def export(self, model: MaskedPositionsHead, out_dir: Path, summary: dict[str, Any]) -> Path:
         return export_text_model(

@@ -20,12 +20,12 @@ from torch import nn
 from transformers import BertConfig, BertForPreTraining, PreTrainedModel
 
 from sslcore.data import generator_for
-from sslcore.objective import Objective
+from sslcore.objective import LossContext, Objective, Ratio
 from sslcore.registry import register_objective
 from sslcore.run_config import RunConfig, TrainConfig
 from textssl.data import TextDataConfig, describe_corpus, export_text_model, load_text, materialize
 from textssl.masking import IGNORE_INDEX, MaskingConfig, mask_tokens
-from textssl.mlm import BertModelConfig, mlm_loss
+from textssl.mlm import BertModelConfig, masked_token_count, mlm_loss
 from textssl.pairs import (
     OtherDocumentSampler,
     PairConfig,
@@ -66,9 +66,10 @@ class PairHeadsAtMaskedPositions(nn.Module):
         return mlm_logits, labels[selected], pair_logits
 
 
-def pair_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of the 2-way pair head, and its accuracy."""
-    return F.cross_entropy(logits.float(), labels), (logits.detach().argmax(-1) == labels).float().mean()
+def pair_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, Ratio]:
+    """SUMMED cross-entropy of the 2-way pair head, and its accuracy as an exact ratio."""
+    return (F.cross_entropy(logits.float(), labels, reduction="sum"),
+            Ratio((logits.detach().argmax(-1) == labels).sum(), labels.numel()))
 
 
 class SentencePairObjective(Objective):
@@ -173,13 +174,19 @@ class SentencePairObjective(Objective):
         return torch.optim.AdamW(self.parameter_groups(model, args.weight_decay), lr=args.learning_rate,
                                  betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, fused=True)
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def targets(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | int]:
+        """BERT's loss is the MLM mean over masked tokens plus the pair mean over pairs: two counts."""
+        return {"mlm": masked_token_count(batch), self.pair_name: len(batch["pair_labels"])}
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor],
+             ctx: LossContext) -> tuple[torch.Tensor, dict[str, Any]]:
         inputs = {k: v for k, v in batch.items() if k != "pair_labels"}
         mlm_logits, mlm_targets, pair_logits = model(**inputs)
         masked_lm, logs = mlm_loss(mlm_logits, mlm_targets)
         pair, pair_accuracy = pair_loss(pair_logits, batch["pair_labels"])
-        return masked_lm + pair, {"mlm_loss": masked_lm.detach(), **logs,
-                                  f"{self.pair_name}_loss": pair.detach(), f"{self.pair_name}_accuracy": pair_accuracy}
+        # The trainer logs each term's exact mean as mlm_loss / <pair>_loss.
+        return (ctx.mean("mlm", masked_lm) + ctx.mean(self.pair_name, pair),
+                {**logs, f"{self.pair_name}_accuracy": pair_accuracy})
 
     def wrap(self, model: PreTrainedModel) -> PairHeadsAtMaskedPositions:
         return PairHeadsAtMaskedPositions(model, *self.heads)
