@@ -125,7 +125,7 @@ class CheckpointRotation:
 
     def after_save(self, path: Path) -> list[Path]:
         self.owned = [p for p in self.owned if p != path] + [path]
-        doomed = self.stale + (self.owned[:-self.keep] if self.keep > 0 else [])
+        doomed = [p for p in self.stale if p != path] + (self.owned[:-self.keep] if self.keep > 0 else [])
         self.owned = self.owned[-self.keep:] if self.keep > 0 else self.owned
         self.stale = []
         return doomed

@@ -94,17 +94,21 @@ def _multi_process_without_gpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
+# Set by `accelerate launch` / torchrun, which both export OMP_NUM_THREADS=1 unless told otherwise.
+_LAUNCHER_VARIABLES = {"ACCELERATE_DYNAMO_BACKEND", "TORCHELASTIC_RUN_ID"}
+
+
 def configure_threads(requested: int | None) -> tuple[int, str]:
     """Set torch's intra-op threads for this process; return (threads, why).
 
-    `accelerate launch` exports OMP_NUM_THREADS=1 unless told otherwise, so a one-process CPU run
-    would use one core of many. Policy: `train.num_threads` if set; else OMP_NUM_THREADS when the
-    user set it outside `accelerate launch`; else the cores this process may use divided by the
-    processes on this machine.
+    `accelerate launch` and torchrun export OMP_NUM_THREADS=1 unless told otherwise, so a
+    one-process CPU run would use one core of many. Policy: `train.num_threads` if set; else
+    OMP_NUM_THREADS when set outside a launcher; else the cores this process may use divided by
+    the processes on this machine.
     """
     if requested is not None:
         threads, why = requested, "train.num_threads"
-    elif "OMP_NUM_THREADS" in os.environ and "ACCELERATE_DYNAMO_BACKEND" not in os.environ:
+    elif "OMP_NUM_THREADS" in os.environ and not _LAUNCHER_VARIABLES & set(os.environ):
         threads, why = int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
     else:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -424,9 +428,9 @@ class Trainer:
             window.skipped += 1
             self._last_bad = (step_loss, logged)
             return False
-        # The step's loss is the sum of its micro-batches' shares; over processes, Ratio(sum, P) averages
-        # them, which is the global mean because each share was scaled by P (LossContext.mean).
-        window.add("loss", Ratio(step_loss, float(acc.num_processes)))
+        # Each process's share was scaled by P (LossContext.mean), so the shares summed over processes
+        # are P x the global mean, and the denominators (1 per process) sum to P.
+        window.add("loss", Ratio(step_loss, 1.0))
         for key, value in logged:
             window.add(key, value)
         return True

@@ -125,3 +125,35 @@ def test_bad_masking_config_is_refused():
     ids, maskable = _batch(batch=2)
     with pytest.raises(ValueError, match="word_starts"):
         _mask(ids, maskable, MaskingConfig(whole_word=True))
+
+
+def test_whole_word_budget_skips_a_word_that_overflows_and_keeps_filling():
+    from textssl.masking import take_words
+
+    # Budget 4: word 0 (2 pieces) fits, word 1 (3 pieces) would overflow and is skipped, word 2 (2) fills it.
+    assert take_words([0, 1, 2, 3], [2, 3, 2, 1], budget=4) == [0, 2]
+    # The first word is taken even when it alone exceeds the budget (at least one prediction).
+    assert take_words([1, 0], [2, 5], budget=3) == [1]
+
+
+def test_whole_word_masking_fills_the_budget_with_long_words_around():
+    # Rows of alternating 3-piece and 1-piece words: stopping at the first overflow would leave the
+    # budget short whenever a 3-piece word comes up early; skipping it keeps filling to the exact budget.
+    length = 40
+    starts = torch.zeros(1, length, dtype=torch.bool)
+    position = 0
+    while position < length:
+        starts[0, position] = True
+        position += 3 if (position // 4) % 2 == 0 else 1
+    ids = torch.arange(5, 5 + length).unsqueeze(0)
+    maskable = torch.ones_like(ids, dtype=torch.bool)
+    budget = round(0.15 * length)
+    exact = 0
+    for seed in range(30):
+        _, labels = mask_tokens(ids, maskable, [torch.Generator().manual_seed(seed)], mask_token_id=1,
+                                random_token_ids=torch.arange(5, 50), config=MaskingConfig(whole_word=True),
+                                word_starts=starts)
+        masked = int((labels != IGNORE_INDEX).sum())
+        assert masked <= budget
+        exact += masked == budget
+    assert exact == 30

@@ -3,8 +3,8 @@
 As in BERT's `create_pretraining_data`: a fixed budget of round(p x maskable tokens) per
 sequence (not a coin flip per token, so the rate is exact, not just right on average); of the
 chosen positions 80% become [MASK], 10% a random token, 10% stay. With `whole_word`, words are
-picked in random order until the budget is reached and all pieces of a picked word are masked
-together. Special tokens ([CLS], [SEP], [PAD]) are never chosen. Labels are -100 elsewhere.
+picked in random order until the budget is reached (a word that would overflow it is skipped, and
+filling goes on) and all pieces of a picked word are masked together. Special tokens ([CLS], [SEP], [PAD]) are never chosen. Labels are -100 elsewhere.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from sslcore.config import ConfigError
 
 IGNORE_INDEX = -100
 
@@ -31,9 +33,28 @@ class MaskingConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mlm_probability < 1.0:
-            raise ValueError(f"masking.mlm_probability must be in (0, 1), got {self.mlm_probability}")
+            raise ConfigError(f"masking.mlm_probability must be in (0, 1), got {self.mlm_probability} "
+                              "(0.15 as in BERT; 0.3-0.4 for small models)")
+        for name in ("mask_replace_prob", "random_replace_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"masking.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.mask_replace_prob + self.random_replace_prob > 1.0:
-            raise ValueError("masking.mask_replace_prob + masking.random_replace_prob must be <= 1")
+            raise ConfigError(f"masking.mask_replace_prob + masking.random_replace_prob must be <= 1, got "
+                              f"{self.mask_replace_prob} + {self.random_replace_prob} (BERT: 0.8 + 0.1)")
+
+
+def take_words(order: list[int], sizes: list[int], budget: int) -> list[int]:
+    """Words taken in `order` as BERT's create_masked_lm_predictions does: a word that would overflow
+    the budget is skipped and filling goes on with the next; the first word is always taken."""
+    taken, used = [], 0
+    for word in order:
+        if used >= budget:
+            break
+        if taken and used + sizes[word] > budget:
+            continue
+        taken.append(word)
+        used += sizes[word]
+    return taken
 
 
 def mask_tokens(
@@ -70,12 +91,9 @@ def mask_tokens(
         starts[0] = True
         word_of = torch.cumsum(starts.long(), 0) - 1
         sizes = torch.bincount(word_of)
-        order = torch.randperm(sizes.numel(), generator=gen)
-        # Take words in random order while they fit the budget (as BERT does); always >= 1 word.
-        taken = torch.cumsum(sizes[order], 0) <= budget
-        taken[0] = True
+        order = torch.randperm(sizes.numel(), generator=gen).tolist()
         chosen_words = torch.zeros(sizes.numel(), dtype=torch.bool)
-        chosen_words[order[taken]] = True
+        chosen_words[take_words(order, sizes.tolist(), budget)] = True
         chosen[row, positions[chosen_words[word_of]]] = True
 
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
