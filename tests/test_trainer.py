@@ -480,3 +480,27 @@ def test_batch_plans_deal_every_example_once_and_resume_by_position():
     budgeted = LengthGroupedBatches(lengths, 64, seed=3, max_units=400).batches(0)
     assert all(len(b) * max(lengths[i] for i in b) <= 400 for b in budgeted)
     assert sorted(i for b in budgeted for i in b) == list(range(200))
+
+
+def test_sharded_strategies_are_refused_with_a_clear_message():
+    from types import SimpleNamespace
+
+    from accelerate import DistributedType
+
+    from sslcore.config import ConfigError
+
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        sharded = SimpleNamespace(distributed_type=kind, gradient_accumulation_steps=1)
+        with pytest.raises(ConfigError, match="shards weights"):
+            Trainer(ToyRegression(ToyConfig()), accelerator=sharded)
+
+
+def test_objective_ddp_options_reach_the_ddp_wrapper(tmp_path):
+    class OwnBuffers(ToyRegression):
+        def ddp_options(self):
+            return {"broadcast_buffers": False}  # e.g. per-rank BatchNorm statistics or queues
+
+    config = ToyConfig()
+    config.train.output_dir = str(tmp_path)
+    trainer = Trainer(OwnBuffers(config))
+    assert trainer.accelerator.ddp_handler.broadcast_buffers is False
