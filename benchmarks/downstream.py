@@ -2,19 +2,22 @@
 
 For each task and protocol (full fine-tuning, frozen-encoder linear probe), the model config of a
 pretrained checkpoint is trained (a) from the checkpoint and (b) from fresh weights, with the same
-tokenizer, budget and seeds. Writes a markdown table (benchmarks/RESULTS.md) and a bar chart, and
-adds the pretrained model's scores to its model card.
+tokenizer, budget and seeds. Writes a markdown table (`<work-dir>/RESULTS.md`, or the file `--results`
+names: e.g. `--results benchmarks/RESULTS.md` to update the tracked one), a seed plot and a JSON beside
+it, and adds the pretrained model's scores to its model card.
 
     # the README demo: after `accelerate launch recipes/pretrain.py --config recipes/configs/bert_mlm_tiny.yaml`
     python benchmarks/downstream.py --quick --model runs/bert_mlm_tiny/model
-    # every task, 3 seeds
+    # every task, 5 seeds per arm
     python benchmarks/downstream.py --model runs/bert_mlm_tiny/model
     # pretrain first (reused when <work-dir>/pretrain/model exists for the same config)
     python benchmarks/downstream.py --pretrain recipes/configs/bert_mlm_tiny.yaml -- --train.max_steps 3000
     # anything after `--` overrides the pretraining config; `--set key=value` the fine-tuning config
 
 Pretrained minus scratch is reported with sigma = sqrt(std_pretrained^2 + std_scratch^2), the
-spread of a difference of two single-seed runs; "pretraining helps" means delta > 2 sigma.
+spread of a difference of two single-seed runs, and Welch's t-test p-value; "helps" needs >= 2 seeds
+per arm, delta > 2 sigma and p < 0.05 (`sslcore.compare`). A mistake in the arguments prints one
+line and exits with status 2 (`--debug` shows the traceback).
 """
 
 from __future__ import annotations
@@ -22,24 +25,24 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import sys
 import time
 from pathlib import Path
 
 from sslcore import config as cfg
+from sslcore.errors import DEBUG_HELP, MissingPathError, run_cli
 from textssl.downstream import compare_with_scratch, write_report
 
 ALL_TASKS = ["movie-sentiment", "trec-coarse", "sms-spam"]
 QUICK_TASKS = ["movie-sentiment"]
-HERE = Path(__file__).resolve().parent
 
 
 def pretrain_if_needed(args: argparse.Namespace) -> Path:
     if args.model:
         model = Path(args.model)
         if not (model / "config.json").is_file():
-            sys.exit(f"--model {model}: not an exported model folder (no config.json); pretrain one with "
-                     "`accelerate launch recipes/pretrain.py --config recipes/configs/bert_mlm_tiny.yaml`")
+            raise MissingPathError(f"--model {model}: {'not an exported model folder (no config.json)' if model.is_dir() else 'no such folder'}; "
+                                   "pretrain one with `accelerate launch recipes/pretrain.py --config "
+                                   "recipes/configs/bert_mlm_tiny.yaml`")
         return model
     from sslcore.api import build_config, pretrain
 
@@ -60,26 +63,29 @@ def pretrain_if_needed(args: argparse.Namespace) -> Path:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     pretrain_overrides = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=DEBUG_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="exported pretrained model folder (a pretraining run's output_dir/model)")
     parser.add_argument("--pretrain", default="recipes/configs/bert_mlm_tiny.yaml",
                         help="pretraining config to run first when --model is not given")
     parser.add_argument("--quick", action="store_true", help=f"only {QUICK_TASKS} (the README demo)")
     parser.add_argument("--tasks", nargs="+", help=f"default {ALL_TASKS} ({QUICK_TASKS} with --quick)")
     parser.add_argument("--protocols", nargs="+", default=["full", "probe"], choices=["full", "probe"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
+                        help="fine-tuning seeds per arm (default 5; a claim needs >= 2)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="fine-tuning config override, e.g. --set train.max_steps=500 (repeatable)")
     parser.add_argument("--work-dir", default="runs/downstream", help="where runs and fine-tuned models go")
-    parser.add_argument("--results", default=str(HERE / "RESULTS.md"), help="markdown table to write")
+    parser.add_argument("--results", help="markdown table to write (default <work-dir>/RESULTS.md; the plot and JSON "
+                                          "go beside it)")
     args = parser.parse_args(argv)
+    args.results = args.results or str(Path(args.work_dir) / "RESULTS.md")
     args.pretrain_overrides = pretrain_overrides
     args.tasks = args.tasks or (QUICK_TASKS if args.quick else ALL_TASKS)
     return args
 
 
-def main(argv: list[str] | None = None):
-    argv = sys.argv[1:] if argv is None else argv
+def _main(argv: list[str]):
     args = parse_args(argv)
     model = pretrain_if_needed(args)
     overrides = cfg.parse_overrides(["--train.progress_bar=false",
@@ -89,6 +95,10 @@ def main(argv: list[str] | None = None):
     print(write_report(rows, model, args.results, command))
     print(f"wrote {args.results} and {Path(args.results).with_suffix('.png')}; scores added to {model / 'README.md'}")
     return rows
+
+
+def main(argv: list[str] | None = None):
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

@@ -3,26 +3,33 @@
     python recipes/demo.py                       # ~15 minutes on 2 CPU cores
     python recipes/demo.py --train.max_steps 100 # any pretraining config override works
     python recipes/demo.py --no-downstream       # stop after the fill-mask examples
+    python recipes/demo.py --seeds [0,1,2,3,4]   # more seeds per arm for the pretrained-vs-scratch table
+    python recipes/demo.py --help                # every option, with the value the demo would use
 
 Builds the corpus (`recipes/configs/bert_mlm_demo.yaml`: the offline `mixed` sources that can be
 fetched, gensim's Wikipedia excerpt and Lee news at least, plus the sentiment task's unlabelled
 training text), trains a WordPiece tokenizer, pretrains with masked-LM (loss, throughput and ETA
 in the log), exports a stock transformers folder, shows fill-mask predictions on held-out
 sentences, writes the loss-curve PNG, and ends with the pretrained-vs-random-init table on
-movie-review sentiment (full fine-tuning and a linear probe, 3 seeds; `textssl.downstream`),
-whose scores also go into the model card.
+movie-review sentiment (full fine-tuning and a linear probe, 3 seeds by default; `textssl.downstream`),
+whose scores also go into the model card. A mistake in an option prints one line and exits with
+status 2 (`--debug` shows the traceback).
 """
 
 import random
-import sys
 from pathlib import Path
 
+import yaml
+
+from sslcore import config as cfg
 from sslcore.api import build_config, pretrain
+from sslcore.errors import DEBUG_HELP, run_cli
 
 CONFIG = Path(__file__).parent / "configs" / "bert_mlm_demo.yaml"
 TASK = "movie-sentiment"
 FINETUNE = {"train": {"learning_rate": 3e-4, "progress_bar": False}}
 """Both arms fine-tune alike; 3e-4 suits a 2-layer encoder (1e-4 leaves the pretrained arm unconverged at 1000 steps)."""
+DEFAULT_SEEDS = [0, 1, 2]
 
 
 def held_out_examples(config, tokenizer, n=6, seed=0):
@@ -43,9 +50,48 @@ def held_out_examples(config, tokenizer, n=6, seed=0):
     return examples
 
 
-def main(argv):
-    downstream = "--no-downstream" not in argv
-    config = build_config(CONFIG, [a for a in argv if a != "--no-downstream"])
+USAGE = f"""usage: python recipes/demo.py [--no-downstream] [--seeds LIST] [--section.key VALUE ...] [--debug] [--help]
+
+  --no-downstream  stop after the fill-mask examples (no pretrained-vs-scratch table)
+  --seeds LIST     fine-tuning seeds per arm of the table, e.g. [0,1,2,3,4] (default {DEFAULT_SEEDS})
+  --section.key    any pretraining option below, over the preset {CONFIG.relative_to(Path(__file__).parent.parent)}
+
+{DEBUG_HELP}."""
+
+
+def split_argv(argv: list[str]) -> tuple[bool, list[int], bool, list[str]]:
+    """(downstream, seeds, show_help, the pretraining overrides) from the demo's command line."""
+    downstream, seeds, show_help, overrides, i = True, list(DEFAULT_SEEDS), False, [], 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        if argv[i] in ("-h", "--help"):
+            show_help = True
+        elif argv[i] == "--no-downstream":
+            downstream = False
+        elif name == "--seeds":
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise cfg.ConfigError("--seeds needs a list of seeds, e.g. --seeds [0,1,2,3,4]")
+                value, i = argv[i + 1], i + 1
+            parsed = yaml.safe_load(value)
+            parsed = [parsed] if isinstance(parsed, int) else parsed
+            if not isinstance(parsed, list) or not parsed or not all(isinstance(s, int) for s in parsed):
+                raise cfg.ConfigError(f"--seeds {value}: give a list of integers, e.g. --seeds [0,1,2,3,4]")
+            seeds = parsed
+        else:
+            overrides.append(argv[i])
+        i += 1
+    return downstream, seeds, show_help, overrides
+
+
+def _main(argv: list[str]):
+    downstream, seeds, show_help, overrides = split_argv(argv)
+    config = build_config(CONFIG, overrides)
+    if show_help:
+        print(USAGE + "\n\npretraining options, with the values the demo would use (defaults, then the preset, then "
+              "your overrides; `default` shown where it differs):")
+        print("\n".join(cfg.describe(config)))
+        return None
     in_domain = [s for s in config.data.corpus.sources if s.endswith(f"{TASK}-train.txt")]
     if in_domain and not Path(in_domain[0]).is_file():
         from textssl.tasks import write_unlabelled_text
@@ -72,11 +118,17 @@ def main(argv):
     if downstream:
         from textssl.downstream import compare_with_scratch, write_report
 
-        print(f"\ndid pretraining pay off? {TASK}, pretrained vs random init, 3 seeds each:")
+        print(f"\ndid pretraining pay off? {TASK}, pretrained vs random init, {len(seeds)} seeds each:")
         work_dir = result.output_dir / "downstream"
-        rows = compare_with_scratch(result.export_dir, tasks=[TASK], work_dir=work_dir, overrides=FINETUNE)
+        rows = compare_with_scratch(result.export_dir, tasks=[TASK], seeds=seeds, work_dir=work_dir,
+                                    overrides=FINETUNE)
         print("\n" + write_report(rows, result.export_dir, work_dir / "RESULTS.md", "python recipes/demo.py"))
+    return result
+
+
+def main(argv: list[str] | None = None):
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

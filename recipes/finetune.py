@@ -4,22 +4,22 @@
     accelerate launch recipes/finetune.py --config recipes/configs/finetune_movie_sentiment.yaml \
         --model.path runs/bert_mlm_tiny/model --protocol probe --seeds [0,1,2,3,4]
     accelerate launch recipes/finetune.py --config recipes/configs/finetune_movie_sentiment.yaml --model.init random
-    python recipes/finetune.py --config recipes/configs/finetune_movie_sentiment.yaml --help
+    python recipes/finetune.py --config recipes/configs/finetune_movie_sentiment.yaml --help   # the values it would use
 
 Prints mean ± std of the test scores and writes them (per seed and overall) under train.output_dir;
 each full fine-tuning run exports a stock `AutoModelForSequenceClassification` folder whose model
-card carries the scores.
+card carries the scores. A mistake (a bad value, a missing model folder) prints one line and exits
+with status 2; `--debug` shows the traceback.
 """
 
 from __future__ import annotations
 
-import sys
-
 from sslcore import config as cfg
-from textssl.finetune import FinetuneConfig, build_finetune_config, finetune
+from sslcore.errors import DEBUG_HELP, run_cli
+from textssl.finetune import build_finetune_config, finetune
 from textssl.tasks import describe_tasks
 
-USAGE = "usage: recipes/finetune.py --config FILE [--section.key VALUE ...] [--help]"
+USAGE = f"usage: recipes/finetune.py --config FILE [--section.key VALUE ...] [--debug] [--help]\n\n{DEBUG_HELP}."
 
 
 def split_argv(argv: list[str]) -> tuple[str | None, list[str], bool]:
@@ -40,21 +40,23 @@ def split_argv(argv: list[str]) -> tuple[str | None, list[str], bool]:
     return path, rest, show_help
 
 
-def main(argv: list[str] | None = None):
-    path, overrides, show_help = split_argv(sys.argv[1:] if argv is None else argv)
+def _main(argv: list[str]):
+    path, overrides, show_help = split_argv(argv)
+    config = build_finetune_config(path, overrides)
     if show_help:
-        print(USAGE, "\n\noptions (defaults shown; the YAML overrides them):")
-        print("\n".join(cfg.describe(FinetuneConfig)))
+        print(USAGE, "\n\noptions, with the values this run would use (defaults, then the YAML, then your overrides;"
+                     " `default` shown where it differs):")
+        print("\n".join(cfg.describe(config)))
         print("\nbuilt-in tasks (task.name):")
         print("\n".join(f"  {name}: {line}" for name, line in describe_tasks().items()))
         return None
-    try:
-        config = build_finetune_config(path, overrides)
-    except cfg.ConfigError as error:
-        sys.exit(f"config error: {error}")
     result = finetune(config=config)
     print(result.summary())
     return result
+
+
+def main(argv: list[str] | None = None):
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

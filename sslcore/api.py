@@ -1,7 +1,7 @@
 """Entry points shared by every recipe and notebook: `pretrain(...)` and `main(argv)`.
 
     accelerate launch recipes/pretrain.py --config recipes/configs/bert_mlm_tiny.yaml \
-        --train.max_steps 200 [--resume [PATH]] [--push_to_hub user/name]
+        --train.max_steps 200 [--resume [PATH]] [--push_to_hub user/name] [--debug]
 
     from sslcore.api import pretrain
     result = pretrain("recipes/configs/bert_mlm_tiny.yaml", {"train": {"max_steps": 200}})
@@ -10,20 +10,23 @@
 from __future__ import annotations
 
 import logging
-import sys
+import os
 from pathlib import Path
 from typing import Any
 
 from sslcore import config as cfg
-from sslcore.hub import push_to_hub
+from sslcore.errors import DEBUG_HELP, run_cli
+from sslcore.hub import check_push_access, push_to_hub
 from sslcore.registry import get_objective, list_objectives
 from sslcore.run_config import RunConfig
 from sslcore.trainer import Trainer, TrainResult
 
 logger = logging.getLogger(__name__)
 
-USAGE = """usage: recipes/pretrain.py --config FILE [--resume [latest|PATH]] [--push_to_hub REPO_ID]
-                           [--section.key VALUE ...] [--help]"""
+USAGE = f"""usage: recipes/pretrain.py --config FILE [--resume [latest|auto|PATH]] [--push_to_hub REPO_ID]
+                           [--section.key VALUE ...] [--debug] [--help]
+
+{DEBUG_HELP}."""
 
 
 def build_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
@@ -45,6 +48,12 @@ def pretrain(config: RunConfig | str | Path, overrides: list[str] | dict[str, An
     elif overrides:
         config = cfg.build(type(config), cfg.merge(cfg.to_dict(config), overrides if isinstance(overrides, dict)
                                                    else cfg.parse_overrides(overrides)))
+    if config.hub.repo_id:
+        # Everything that can be checked before training is: a bad repo id or no Hub must not cost a run.
+        # Only the first process asks the Hub (its whoami endpoint is rate-limited); the others check locally.
+        user = check_push_access(config.hub.repo_id, config.hub.token, ask_hub=os.environ.get("RANK", "0") == "0")
+        if user:
+            logger.info("will upload to https://huggingface.co/%s at the end (as %s)", config.hub.repo_id, user)
     objective = get_objective(config.objective)(config)
     trainer = Trainer(objective, callbacks=callbacks)
     result = trainer.fit()
@@ -81,21 +90,29 @@ def _split_cli(argv: list[str]) -> tuple[str | None, list[str], bool]:
     return path, overrides, show_help
 
 
-def main(argv: list[str] | None = None) -> TrainResult | None:
-    argv = sys.argv[1:] if argv is None else argv
+def describe_run(path: str | None, overrides: list[str], usage: str = USAGE) -> str:
+    """`--help`: the usage, then every option with the value this run would use (the objective's defaults,
+    then the YAML preset, then the command-line overrides), the default beside it where they differ."""
+    values = cfg.read_yaml(path) if path else {}
+    if overrides:
+        values = cfg.merge(values, cfg.parse_overrides(overrides))
+    name = values.get("objective")
+    if not name:
+        return f"{usage}\n\nobjectives: {', '.join(list_objectives())}; pass --config to list an objective's options"
+    config = build_config(path, overrides)
+    source = f"{path}" + (" and your overrides" if overrides else "") if path else "your overrides"
+    return (f"{usage}\n\noptions of objective {name!r} with the values this run would use (defaults, then "
+            f"{source}; `default` shows the objective's own where it differs):\n" + "\n".join(cfg.describe(config)))
+
+
+def _main(argv: list[str]) -> TrainResult | None:
     path, overrides, show_help = _split_cli(argv)
     if show_help:
-        values = cfg.read_yaml(path) if path else {}
-        name = values.get("objective")
-        print(USAGE)
-        if name:
-            print(f"\noptions of objective {name!r} (defaults shown; the YAML overrides them):")
-            print("\n".join(cfg.describe(get_objective(name).config_class)))
-        else:
-            print(f"\nobjectives: {', '.join(list_objectives())}; pass --config to list an objective's options")
+        print(describe_run(path, overrides))
         return None
-    try:
-        config = build_config(path, overrides)
-    except cfg.ConfigError as error:
-        sys.exit(f"config error: {error}")
-    return pretrain(config)
+    return pretrain(build_config(path, overrides))
+
+
+def main(argv: list[str] | None = None) -> TrainResult | None:
+    """The command line: a mistake in it, the config or a path prints one line and exits with status 2."""
+    return run_cli(_main, argv)

@@ -19,10 +19,12 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from sslcore.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config key, value or file that cannot be used, with what to do instead."""
 
 
@@ -145,7 +147,13 @@ def build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
             # its own defaults for a shared section (e.g. word2vec's `train`) without a subclass.
             value = merge(to_dict(factory()), value)
         kwargs[name] = _coerce(value, hints[name], f"{prefix}{name}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as error:
+        # A range check in a section's __post_init__ (e.g. masking.mlm_probability in (0, 1)) is a config error.
+        raise ConfigError(str(error)) from error
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -213,19 +221,43 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | di
     return build(cls, values)
 
 
-def describe(cls: type, prefix: str = "") -> list[str]:
-    """One line per option: `--section.key (type, default): docstring` for `--help`."""
+def describe(cls_or_config: Any, prefix: str = "") -> list[str]:
+    """One line per option for `--help`: `--section.key (type, value): docstring`.
+
+    Given a config object (the preset merged over the defaults, plus overrides), the value shown is the
+    one the run would use, with the default beside it where they differ; given a class, the defaults."""
+    if isinstance(cls_or_config, type):
+        return _describe(cls_or_config, None, None, prefix)
+    try:
+        defaults = type(cls_or_config)()
+    except TypeError:  # a config with required fields: no defaults to compare with
+        defaults = None
+    return _describe(type(cls_or_config), cls_or_config, defaults, prefix)
+
+
+def _describe(cls: type, config: Any, defaults: Any, prefix: str) -> list[str]:
     lines = []
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
         if dataclasses.is_dataclass(tp):
             lines.append(f"\n[{prefix}{f.name}] {docs.get(f.name, '')}")
-            lines.extend(describe(tp, prefix=f"{prefix}{f.name}."))
+            if config is None:
+                lines.extend(_describe(tp, None, None, f"{prefix}{f.name}."))
+            else:
+                lines.extend(_describe(type(getattr(config, f.name)), getattr(config, f.name),
+                                       default if dataclasses.is_dataclass(default) else None, f"{prefix}{f.name}."))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required"
-        )
-        lines.append(f"  --{prefix}{f.name} ({_type_name(tp)}, default {default!r}): {docs.get(f.name, '')}")
+        if config is None:
+            shown = f"default {default!r}"
+        else:
+            value = getattr(config, f.name)
+            shown = f"{value!r}" if value == default else f"{value!r}; default {default!r}"
+        lines.append(f"  --{prefix}{f.name} ({_type_name(tp)}, {shown}): {docs.get(f.name, '')}")
     return lines

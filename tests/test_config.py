@@ -116,3 +116,43 @@ def test_a_section_yaml_starts_from_the_objectives_own_defaults():
     config = cfg.build(Custom, {"train": {"max_steps": 5}})
     assert config.train.max_steps == 5
     assert config.train.learning_rate == 0.025 and config.train.max_grad_norm is None  # not TrainConfig's
+
+
+@pytest.mark.parametrize("override, fragment", [
+    (["--masking.mlm_probability", "2"], "masking.mlm_probability must be in (0, 1)"),
+    (["--masking.random_replace_prob", "-0.1"], "masking.random_replace_prob must be in [0, 1]"),
+    (["--train.per_device_batch_size", "0"], "train.per_device_batch_size must be >= 1"),
+    (["--train.learning_rate", "-1e-3"], "train.learning_rate must be >= 0"),
+    (["--train.adam_beta2", "1.5"], "train.adam_beta2 must be in [0, 1]"),
+    (["--train.max_grad_norm", "0"], "max_grad_norm must be > 0"),
+])
+def test_out_of_range_values_are_config_errors(override, fragment):
+    with pytest.raises(cfg.ConfigError) as error:
+        build_config(None, ["--objective", "bert_mlm", *override])
+    assert fragment in str(error.value)
+
+
+def test_a_range_check_in_any_sections_post_init_becomes_a_config_error():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Section:
+        """A section with a range."""
+
+        rate: float = 0.5
+        """A fraction."""
+
+        def __post_init__(self):
+            if not 0 <= self.rate <= 1:
+                raise ValueError(f"section.rate must be in [0, 1], got {self.rate}")
+
+    with pytest.raises(cfg.ConfigError, match="section.rate must be in"):
+        cfg.build(Section, {"rate": 3})
+
+
+def test_describe_shows_the_values_a_config_holds():
+    config = build_config(CONFIGS[0].parent / "bert_mlm_tiny.yaml", ["--train.seed", "4"])
+    lines = "\n".join(cfg.describe(config))
+    assert "--train.seed (int, 4; default 0)" in lines and "--train.max_steps (int, 600; default 1000)" in lines
+    assert "--train.weight_decay (float, 0.01):" in lines
+    assert "--train.seed (int, default 0)" in "\n".join(cfg.describe(type(config)))  # a class: its defaults

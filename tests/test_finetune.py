@@ -131,18 +131,51 @@ def test_random_init_keeps_architecture_but_not_weights(tiny_model, cache_dir):
     assert not torch.allclose(scratch.state_dict()[embedding], checkpoint[embedding])
 
 
-def test_probe_is_deterministic_and_seeds_only_move_random_encoders(tiny_model, cache_dir, tmp_path):
+def test_probe_seeds_vary_the_training_subset_in_both_arms(tiny_model, cache_dir, tmp_path):
     options = _options(cache_dir, tmp_path)
-    pretrained = textssl.finetune(model=tiny_model, task="tiny-polarity", protocol="probe", seeds=[0, 1],
+    pretrained = textssl.finetune(model=tiny_model, task="tiny-polarity", protocol="probe", seeds=[0, 1, 2],
                                   overrides=options)
-    assert pretrained.test["accuracy"][0] == pretrained.test["accuracy"][1] and pretrained.std() == 0.0
+    # The pretrained encoder's features do not depend on the seed; each seed's training subset does.
+    assert len(set(pretrained.validation["accuracy"]) | set(pretrained.test["accuracy"])) > 1
+    head = Path(pretrained.model_dirs[0])
+    assert json.loads((head / "probe_head.json").read_text())["train_rows"] == 128  # 80% of 160, per class
+    # The same seed is the same run; with the whole split every seed agrees (the old zero-spread arm).
+    again = textssl.finetune(model=tiny_model, task="tiny-polarity", protocol="probe", seeds=[1],
+                             overrides=_options(cache_dir, tmp_path / "again"))
+    assert again.test["accuracy"][0] == pretrained.test["accuracy"][1]
+    whole = textssl.finetune(model=tiny_model, task="tiny-polarity", protocol="probe", seeds=[0, 1],
+                             overrides={**_options(cache_dir, tmp_path / "whole"), "probe": {"train_fraction": 1.0}})
+    assert whole.std() == 0.0
     scratch = textssl.finetune(model=tiny_model, task="tiny-polarity", protocol="probe", seeds=[0, 1, 2],
                                init="random", overrides=options)
     assert len(set(scratch.validation["accuracy"]) | set(scratch.test["accuracy"])) > 1
-    head = Path(scratch.model_dirs[0])
-    saved = load_file(str(head / "probe_head.safetensors"))
+    saved = load_file(str(Path(scratch.model_dirs[0]) / "probe_head.safetensors"))
     assert saved["weight"].shape == (2, 32) and saved["feature_mean"].shape == (32,)
     assert json.loads((head / "probe_head.json").read_text())["labels"] == ["neg", "pos"]
+
+
+def test_probe_subset_is_stratified_and_seeded():
+    from textssl.finetune import probe_subset
+
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    rows = probe_subset(labels, 0.5, seed=3)
+    assert torch.equal(rows, probe_subset(labels, 0.5, seed=3)) and not torch.equal(rows, probe_subset(labels, 0.5, seed=4))
+    assert (labels[rows] == 0).sum() == 45 and (labels[rows] == 1).sum() == 5
+    assert torch.equal(probe_subset(labels, 1.0, seed=3), torch.arange(100))
+    with pytest.raises(cfg.ConfigError, match="train_fraction"):
+        build_finetune_config(overrides=["--probe.train_fraction", "0"])
+
+
+def test_small_splits_are_named_in_a_warning(tmp_path, cache_dir, caplog):
+    csv_path = tmp_path / "tiny.csv"
+    rows = [f"review number {i} {'good' if i % 2 else 'bad'},{i % 2}" for i in range(60)]
+    csv_path.write_text("text,label\n" + "\n".join(rows) + "\n")
+    with caplog.at_level("WARNING", logger="textssl.tasks"):
+        task = load_task(TaskConfig(name=str(csv_path), cache_dir=cache_dir))
+    size = len(task.splits["test"])
+    assert size < 50
+    assert f"the test split has only {size} rows" in caplog.text and "carve_test_fraction" in caplog.text
+    assert "fewer than 10 examples of 2 class(es)" in caplog.text
 
 
 def test_logistic_regression_matches_sklearn():
@@ -194,7 +227,7 @@ def test_model_card_gains_scores_and_replaces_stale_ones(tiny_model, tmp_path):
 
 
 def test_bad_input_errors(tiny_model, cache_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no tokenizer could be loaded.*recipes/pretrain.py"):
+    with pytest.raises(FileNotFoundError, match="no such folder.*recipes/pretrain.py"):
         textssl.finetune(model=str(tmp_path / "missing"), task="tiny-polarity", seeds=[0],
                          overrides=_options(cache_dir, tmp_path))
     with pytest.raises(ValueError, match="early_stopping.metric='pearsonr'.*accuracy"):
@@ -297,9 +330,9 @@ def test_downstream_table_compares_with_scratch_and_writes_the_report(tiny_model
         assert row.pretrained.init == "pretrained" and row.scratch.init == "random"
         assert len(row.pretrained.test["accuracy"]) == 2 and len(row.scratch.test["accuracy"]) == 2
         assert row.delta == pytest.approx(row.pretrained.mean() - row.scratch.mean())
-        assert row.helps == (row.delta > 2 * row.sigma)
+        assert row.helps == (row.verdict == "helps") and (not row.helps or row.delta > 2 * row.sigma)
     text = write_report(rows, model, tmp_path / "report" / "RESULTS.md", "pytest")
-    assert "| tiny-polarity | full fine-tuning | accuracy |" in text
+    assert "| tiny-polarity | full fine-tuning | accuracy |" in text and "| Welch p |" in text
     assert "7 steps, 0.0M tokens" in text and "final eval loss 5.500" in text  # the pretraining budget, read back
     assert (tmp_path / "report" / "RESULTS.png").stat().st_size > 0
     saved = json.loads((tmp_path / "report" / "RESULTS.json").read_text())

