@@ -29,11 +29,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
+from sslcore.errors import UserError
+
 CHECKPOINT_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be resumed here, with the reason and what to do."""
 
 

@@ -49,15 +49,7 @@ def register_user_error(*classes: type[BaseException]) -> None:
             _REGISTERED.append(klass)
 
 
-def _lazy_registrations() -> None:
-    # sslcore's own errors that are defined in modules this one must not import at load time (cycles).
-    from sslcore.checkpoint import CheckpointError
-
-    register_user_error(CheckpointError)
-
-
 def is_user_error(error: BaseException) -> bool:
-    _lazy_registrations()
     return isinstance(error, (UserError, *_REGISTERED))
 
 
