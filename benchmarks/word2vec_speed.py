@@ -3,12 +3,15 @@
 Both train the same corpus, vocabulary and options (100-d, window 5, 5 negatives by default) for the
 same number of epochs; words/s = in-vocabulary corpus words x epochs / training wall time (data
 already tokenized and cached, no export or evaluation on either side). gensim uses one worker
-thread per core. Runs alternate (gensim, torch, gensim, torch, ...) so background load hits both
+thread per core. torch's time is the trainer's own clock over its training loop (as gensim's is its
+`train()` call); the whole `fit()` (model building, the final checkpoint, the loss plot) is printed
+beside it. Runs alternate (gensim, torch, gensim, torch, ...) so background load hits both
 alike; the ratio is the median over repeats of torch / gensim within each repeat.
 
 To show what limits the torch backend, the script also times its batch building alone (`collate`:
 subsampling, windows, negatives) and one training step split into forward, backward and the
-sparse SGD update.
+sparse SGD update -- for the fused step (`NegativeSamplingStep`) and, interleaved on the same
+batches, for the autograd formulation it replaced (`autograd_loss`, the before/after profile).
 
 Runs unchanged on a GPU machine: Accelerate puts the model on the GPU, collate stays on CPU
 DataLoader workers.
@@ -44,24 +47,73 @@ def _overrides(args, backend: str, mode: str, run: int) -> dict:
         "evaluation": {"analogies": False, "word_similarity": False, "downstream_task": None},
         "gensim": {"workers": cpu_cores()},
         "train": {"output_dir": f"{args.output}/{mode}-{backend}-{run}", "per_device_batch_size": args.batch,
-                  "num_workers": args.workers, "progress_bar": False, "export": False, "log_every": 10**9,
+                  "num_workers": args.workers, "num_threads": args.threads, "progress_bar": False, "export": False,
+                  "log_every": 10**9,
                   "save_every": 0},
     }
 
 
-def profile_torch_step(config_path: str, overrides: dict, steps: int = 5) -> dict[str, float]:
-    """Seconds per batch of collate alone, and of forward / backward / SGD step (medians)."""
+def autograd_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The step as the torch backend ran it before `NegativeSamplingStep`: autograd through (sparse)
+    embedding lookups, CBOW's mean with word2vec.c's gradient, the implicit scale as gradient hooks.
+    The same maths (tests/test_word2vec.py checks the two updates agree); kept here as the baseline."""
+    import torch.nn.functional as F
+
+    inputs, mask, targets, negative_mask = batch["inputs"], batch["context_mask"], batch["targets"], batch["negative_mask"]
+    contexts = F.embedding(inputs, model.input_vectors.weight, sparse=model.sparse)
+    outputs = F.embedding(targets, model.output_vectors.weight, sparse=model.sparse)
+    if model.mode == "cbow":
+        total = (contexts * mask.unsqueeze(-1)).sum(1)
+        count = mask.sum(1, keepdim=True).clamp(min=1)
+        value, gradient_path = (total / count, total) if model.cbow_mean else (total, total / count)
+        hidden = (value.detach() + gradient_path - gradient_path.detach()).unsqueeze(1)
+        valid = torch.ones(len(targets), 1, dtype=torch.bool, device=targets.device)
+    else:
+        hidden, valid = contexts, mask
+    scores = hidden @ outputs.transpose(1, 2)
+    keep = valid.unsqueeze(-1) & torch.cat([torch.ones_like(negative_mask[:, :1]), negative_mask], 1).unsqueeze(1)
+    signed = torch.cat([-scores[..., :1], scores[..., 1:]], -1)
+    loss = (F.softplus(signed) * keep).sum()
+    if model.implicit_updates:
+        with torch.no_grad():
+            probability = torch.sigmoid(scores)
+            curvature = probability * (1 - probability) * keep
+            input_curvature = (curvature * outputs.pow(2).sum(-1).unsqueeze(1)).sum(-1)
+            output_curvature = (curvature * hidden.pow(2).sum(-1, keepdim=True)).sum(1)
+            if model.mode == "cbow":
+                input_curvature = input_curvature * mask / mask.sum(1, keepdim=True).clamp(min=1)
+            vocab, lr = model.input_vectors.num_embeddings, model.learning_rate
+
+            def scale(ids, curvature):
+                total = torch.bincount(ids.reshape(-1), weights=curvature.reshape(-1).float(), minlength=vocab)
+                return (1.0 / (1.0 + lr * total))[ids].unsqueeze(-1)
+
+            input_scale, output_scale = scale(inputs, input_curvature * mask), scale(targets, output_curvature)
+        contexts.register_hook(lambda grad: grad * input_scale)
+        outputs.register_hook(lambda grad: grad * output_scale)
+    return loss
+
+
+def profile_torch_step(config_path: str, overrides: dict, steps: int = 20) -> dict:
+    """Seconds per batch of collate alone, and of forward / backward / SGD update for the fused step
+    (`NegativeSamplingStep`) and for the autograd formulation it replaced, interleaved on the same
+    batches. Medians, and the fastest whole step (on a shared machine the least disturbed figure)."""
     from sslcore import config as cfg
+    from sslcore.objective import LossContext
     from textssl.word2vec import Word2VecConfig
 
     config = cfg.load(Word2VecConfig, config_path, overrides)
     objective = Word2VecObjective(config)
     objective.prepare()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = objective.build_model().to(device)
-    optimizer = objective.build_optimizer(model, config.train)
+    models = {"fused": objective.build_model().to(device), "autograd": objective.build_model().to(device)}
+    models["autograd"].load_state_dict(models["fused"].state_dict())
+    optimizers = {name: objective.build_optimizer(model, config.train) for name, model in models.items()}
+    losses = {"fused": lambda model, batch: objective.loss(model, batch, LossContext({}, 1))[0],
+              "autograd": autograd_loss}
     dataset, size = objective.train_dataset(), config.train.per_device_batch_size
-    timings: dict[str, list[float]] = {"collate": [], "forward": [], "backward": [], "update": []}
+    collate: list[float] = []
+    timings = {name: {"forward": [], "backward": [], "update": []} for name in models}
 
     def sync():
         if device.type == "cuda":
@@ -71,26 +123,30 @@ def profile_torch_step(config_path: str, overrides: dict, steps: int = 5) -> dic
         rows = dataset.__getitems__(list(range(step * size, (step + 1) * size)))
         started = time.perf_counter()
         batch = objective.collate(rows, [step * size + i for i in range(size)])
-        collated = time.perf_counter()
-        batch = {k: v.to(device) for k, v in batch.items()}
-        sync()
-        moved = time.perf_counter()
-        loss, _ = objective.loss(model, batch)
-        sync()
-        forward = time.perf_counter()
-        loss.backward()
-        sync()
-        backward = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync()
-        done = time.perf_counter()
         if step:  # the first step warms up allocators and kernels
-            for key, seconds in (("collate", collated - started), ("forward", forward - moved),
-                                 ("backward", backward - forward), ("update", done - backward)):
-                timings[key].append(seconds)
-    words = int(batch["words"])
-    return {"words_per_batch": words, **{k: statistics.median(v) for k, v in timings.items()}}
+            collate.append(time.perf_counter() - started)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        for name, model in models.items():
+            sync()
+            started = time.perf_counter()
+            loss = losses[name](model, batch)
+            sync()
+            forward = time.perf_counter()
+            loss.backward()
+            sync()
+            backward = time.perf_counter()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+            sync()
+            if step:
+                for key, seconds in (("forward", forward - started), ("backward", backward - forward),
+                                     ("update", time.perf_counter() - backward)):
+                    timings[name][key].append(seconds)
+    report = {"words_per_batch": int(batch["words"]), "steps": steps, "collate": statistics.median(collate)}
+    for name, parts in timings.items():
+        report[name] = {key: statistics.median(values) for key, values in parts.items()}
+        report[name]["fastest_step"] = min(map(sum, zip(*parts.values())))
+    return report
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -105,6 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--block-words", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=None,
                         help="torch DataLoader workers (default: 1 on <= 4 cores, else 4)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default on CPU: the cores the collate workers leave, at least 1)")
     parser.add_argument("--pair-negatives", action="store_true",
                         help="skip-gram negatives per (context, centre) pair, as word2vec.c (default: per window)")
     parser.add_argument("--output", default="runs/word2vec_speed")
@@ -112,42 +170,63 @@ def main(argv: list[str] | None = None) -> dict:
     cores = cpu_cores()
     if args.workers is None:
         args.workers = 1 if cores <= 4 else 4
-    if not torch.cuda.is_available():
+    if args.threads is None and not torch.cuda.is_available():
         # The collate workers take their cores; intra-op threads get the rest (oversubscribing 2 cores
         # makes every parallel op wait on the scheduler).
-        torch.set_num_threads(max(1, cores - args.workers))
+        args.threads = max(1, cores - args.workers)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)  # the step profile below runs outside the trainer
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {cores} cores"
     print(f"device: {device}; torch threads {torch.get_num_threads()}, collate workers {args.workers}; "
           f"gensim workers {cores}")
-    report: dict = {"device": device, "modes": {}}
+    report: dict = {"device": device, "load_average": os.getloadavg()[0], "modes": {}}
     for mode in args.modes:
-        speeds: dict[str, list[float]] = {"gensim": [], "torch": []}
+        speeds: dict[str, list[float]] = {"gensim": [], "torch": [], "torch_fit": []}
         for run in range(args.repeats):
             for backend in ("gensim", "torch"):
                 result = train_word2vec(args.config, _overrides(args, backend, mode, run))
-                speeds[backend].append(result.words_per_second)
+                if backend == "torch":
+                    # The trainer's own clock over its loop (one log window: the whole run), like gensim's
+                    # train(); fit() also builds the model, writes the final checkpoint and plots the loss.
+                    speeds["torch"].append(next(h["words_per_s"] for h in reversed(result.history) if "words_per_s" in h))
+                    speeds["torch_fit"].append(result.words_per_second)
+                else:
+                    speeds["gensim"].append(result.words_per_second)
                 print(f"{mode} {backend} run {run}: {result.words:,} words in {result.train_seconds:.1f} s = "
-                      f"{result.words_per_second:,.0f} words/s", flush=True)
+                      f"{result.words_per_second:,.0f} words/s"
+                      + (f" (training loop {speeds['torch'][-1]:,.0f} words/s)" if backend == "torch" else ""), flush=True)
         ratios = [t / g for t, g in zip(speeds["torch"], speeds["gensim"])]
+        fit_ratios = [t / g for t, g in zip(speeds["torch_fit"], speeds["gensim"])]
         profile = profile_torch_step(args.config, _overrides(args, "torch", mode, 0))
-        step = profile["forward"] + profile["backward"] + profile["update"]
+        step = sum(profile["fused"][key] for key in ("forward", "backward", "update"))
         report["modes"][mode] = {
             "gensim_words_per_s": statistics.median(speeds["gensim"]),
             "torch_words_per_s": statistics.median(speeds["torch"]),
-            "torch_over_gensim": statistics.median(ratios), "ratios": ratios, "torch_step_profile": profile,
+            "torch_fit_words_per_s": statistics.median(speeds["torch_fit"]),
+            "torch_over_gensim": statistics.median(ratios), "ratios": ratios,
+            "torch_fit_over_gensim": statistics.median(fit_ratios), "fit_ratios": fit_ratios,
+            "torch_step_profile": profile,
             "collate_words_per_s": profile["words_per_batch"] / profile["collate"],
             "train_step_words_per_s": profile["words_per_batch"] / step,
         }
-    print(f"\n| mode | gensim words/s | torch words/s | torch / gensim (median of {args.repeats}) "
-          "| torch collate alone words/s | torch fwd+bwd+update alone words/s |")
-    print("|---|---|---|---|---|---|")
+    print(f"\nload average {report['load_average']:.1f} on {cores} cores at the start")
+    print(f"| mode | gensim words/s | torch words/s (training loop) | torch / gensim (median of {args.repeats}) "
+          "| torch words/s (whole fit) | fit / gensim | torch collate alone words/s | torch fwd+bwd+update alone words/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for mode, r in report["modes"].items():
         print(f"| {mode} | {r['gensim_words_per_s']:,.0f} | {r['torch_words_per_s']:,.0f} | "
-              f"{r['torch_over_gensim']:.2f}x | {r['collate_words_per_s']:,.0f} | {r['train_step_words_per_s']:,.0f} |")
+              f"{r['torch_over_gensim']:.2f}x | {r['torch_fit_words_per_s']:,.0f} | {r['torch_fit_over_gensim']:.2f}x | "
+              f"{r['collate_words_per_s']:,.0f} | {r['train_step_words_per_s']:,.0f} |")
     for mode, r in report["modes"].items():
         p = r["torch_step_profile"]
-        print(f"{mode} torch step of {p['words_per_batch']:,} words: collate {p['collate'] * 1e3:.0f} ms, forward "
-              f"{p['forward'] * 1e3:.0f} ms, backward {p['backward'] * 1e3:.0f} ms, SGD update {p['update'] * 1e3:.0f} ms")
+        print(f"\n{mode} torch step of {p['words_per_batch']:,} words, medians of {p['steps']} (collate alone "
+              f"{p['collate'] * 1e3:.1f} ms):\n| step | forward ms | backward ms | SGD update ms | total ms | fastest ms |"
+              "\n|---|---|---|---|---|---|")
+        for name in ("autograd", "fused"):
+            q = p[name]
+            total = q["forward"] + q["backward"] + q["update"]
+            print(f"| {name} | {q['forward'] * 1e3:.1f} | {q['backward'] * 1e3:.1f} | {q['update'] * 1e3:.1f} | "
+                  f"{total * 1e3:.1f} | {q['fastest_step'] * 1e3:.1f} |")
     print(json.dumps(report))
     return report
 

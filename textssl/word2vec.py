@@ -4,9 +4,10 @@ Two backends behind one config and one artifact:
 
 - ``backend: torch`` -- our objective, trained by `sslcore.trainer.Trainer` (so on GPUs and on
   several processes with `accelerate launch`). A dataset row is a block of ~1,000 in-vocabulary
-  words (whole sentences); `collate` turns a batch of blocks into big index tensors -- pairs for
-  skip-gram, padded context windows for CBOW, negatives for both -- and the model scores them with
-  two sparse embedding tables updated by plain SGD.
+  words (whole sentences); `collate` turns a batch of blocks into big index tensors -- context
+  windows (or pairs) for skip-gram, padded context windows for CBOW, negatives for both -- and
+  `NegativeSamplingStep` scores them and writes both tables' gradients by hand (no autograd through
+  the gathers: one batched product forward, two backward, sparse rows out), which plain SGD applies.
 - ``backend: gensim`` -- `gensim.models.Word2Vec` with the same options mapped over, for CPU users.
 
 What makes word2vec good is done as in word2vec.c (which gensim follows): words under `min_count`
@@ -37,7 +38,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +52,10 @@ from torch import nn
 from sslcore import config as cfg
 from sslcore.config import ConfigError, to_dict
 from sslcore.data import generator_for
-from sslcore.hub import push_to_hub, write_model_card
-from sslcore.objective import Objective
+from sslcore.distributed import all_reduce_sum
+from sslcore.errors import DEBUG_HELP, UserError, run_cli
+from sslcore.hub import check_push_access, push_to_hub, redact, write_model_card
+from sslcore.objective import LossContext, Objective, Ratio
 from sslcore.registry import register_objective
 from sslcore.run_config import RunConfig, TrainConfig
 from textssl.corpus import CorpusConfig, load_corpus
@@ -73,7 +75,7 @@ VECTORS_BIN = "vectors.bin"
 VECTORS_TXT = "vectors.txt"
 
 
-class Word2VecDataError(ValueError):
+class Word2VecDataError(UserError, ValueError):
     """The corpus cannot train word vectors (empty, or no word frequent enough); says what to change."""
 
 
@@ -120,8 +122,9 @@ class Word2VecModelConfig:
     """CBOW: average the context vectors (True) or sum them."""
     shared_negatives: bool = True
     """Skip-gram: draw one set of negatives per window, shared by its context words (Ji et al. 2016's
-    HogBatch), instead of one per (context, centre) pair as word2vec.c (false): ~3x faster on CPU,
-    with the same scores as gensim (benchmarks/word2vec_quality.py)."""
+    HogBatch), instead of one per (context, centre) pair as word2vec.c (false): a window's ~6 pairs share
+    one row of 1 + K output vectors, so a step gathers and updates ~5x fewer output rows, with the same
+    scores as gensim (benchmarks/word2vec_quality.py)."""
     implicit_updates: bool | None = None
     """torch backend: scale each word's batch update by 1 / (1 + lr * its curvature), an implicit SGD step:
     the plain sum of its gradients for most words, but no overshoot for very frequent ones. False = the
@@ -131,8 +134,8 @@ class Word2VecModelConfig:
     trained without trouble at 4 x 1,000 words per batch (3.1M-word corpus, 5 epochs), and the damping cost CBOW 0.03-0.04 WS353
     Spearman against gensim (benchmarks/word2vec_quality.py). Set true for CBOW with much larger batches."""
     sparse_gradients: bool | None = None
-    """torch backend: sparse embedding gradients (fast on CPU); None = sparse except on multi-GPU, whose
-    NCCL all-reduce has no sparse tensors."""
+    """torch backend: sparse gradients (the rows a step touches; fast on CPU, all-reduced as sparse tensors
+    by gloo); None = sparse except on multi-GPU, whose NCCL all-reduce has no sparse tensors (dense there)."""
 
 
 @dataclass
@@ -424,101 +427,227 @@ def context_slots(sentence: torch.Tensor, reduced: torch.Tensor, window: int) ->
     return positions, inside & near & (sentence[positions] == sentence.unsqueeze(1))
 
 
-def _cbow_hidden(vectors: torch.Tensor, mask: torch.Tensor, mean: bool) -> torch.Tensor:
-    """CBOW's hidden vector with word2vec.c's gradient: the mean (or sum) of the context vectors forward,
-    but every context word gets the full error back with `mean`, and error / count with a sum (gensim)."""
-    total = (vectors * mask.unsqueeze(-1)).sum(1)
-    count = mask.sum(1, keepdim=True).clamp(min=1).to(vectors.dtype)
-    value, gradient_path = (total / count, total) if mean else (total, total / count)
-    return value.detach() + (gradient_path - gradient_path.detach())
-
-
-def implicit_row_scale(rows: torch.Tensor, curvature: torch.Tensor, vocab_size: int,
-                       learning_rate: torch.Tensor) -> torch.Tensor:
-    """Per gathered row: 1 / (1 + lr * the curvature its word collects over the whole batch).
-
-    word2vec.c applies each prediction's gradient before computing the next; a batch sums them all at
-    one stale point. Scaling a word's summed gradient by 1 / (1 + lr * h), h its share of the loss's
-    curvature (an implicit SGD step, Toulis & Airoldi 2017), changes nothing for the many words with
-    small h -- the sum is what sequential SGD does to first order -- and stops a very frequent word
-    (thousands of aligned terms per batch, above all as a negative) from overshooting.
-    """
-    total = torch.bincount(rows.reshape(-1), weights=curvature.reshape(-1).float(), minlength=vocab_size)
-    return 1.0 / (1.0 + learning_rate * total[rows])
-
-
 def resolved_implicit_updates(model: Word2VecModelConfig) -> bool:
     """`model.implicit_updates`, with None resolved by mode: on for skip-gram, off for CBOW (see the option)."""
     return model.implicit_updates if model.implicit_updates is not None else model.mode == "skipgram"
 
 
+@dataclass(frozen=True)
+class StepOptions:
+    """How `NegativeSamplingStep` scores a batch and shapes its gradients."""
+
+    mode: str = "skipgram"
+    """skipgram: every valid input row is scored on its own; cbow: the inputs of a row are pooled first."""
+    cbow_mean: bool = True
+    """CBOW pools by the mean (True) or the sum of the context vectors."""
+    implicit: bool = False
+    """Scale each word's summed gradient by 1 / (1 + lr * its curvature) (see `implicit_row_scales`)."""
+    sparse: bool = True
+    """Sparse COO gradients (rows touched only); dense (vocabulary x dim) ones where the all-reduce needs them."""
+
+
+def implicit_row_scales(ids: torch.Tensor, curvature: torch.Tensor, vocab_size: int,
+                        learning_rate: torch.Tensor) -> torch.Tensor:
+    """Per word: 1 / (1 + lr * the curvature it collects over the whole step), summed over processes.
+
+    word2vec.c applies each prediction's gradient before computing the next; a batch sums them all at
+    one stale point. Scaling a word's summed gradient by 1 / (1 + lr * h), h its share of the loss's
+    curvature (an implicit SGD step, Toulis & Airoldi 2017), changes nothing for the many words with
+    small h -- the sum is what sequential SGD does to first order -- and stops a very frequent word
+    (thousands of aligned terms per batch, above all as a negative) from overshooting. The totals are
+    summed over processes, so N processes at batch B take the step one process takes at N x B (with
+    gradient accumulation each micro-batch is scaled by its own curvature: the later ones are not known
+    yet when it runs).
+    """
+    total = torch.bincount(ids, weights=curvature.float(), minlength=vocab_size)
+    return 1.0 / (1.0 + learning_rate * all_reduce_sum(total))
+
+
+class NegativeSamplingStep(torch.autograd.Function):
+    """Negative-sampling loss of a batch of predictions, with both tables' gradients computed by hand.
+
+    Autograd through embedding gathers writes several (predictions x window x dim) tensors per step and
+    scatters each gradient twice; word2vec needs far less. Forward gathers the input rows (CBOW: pools
+    them with one `embedding_bag`) and the output rows of each target and its negatives, scores them
+    with batched products and keeps the sigmoid error (sigmoid(score) - label, zero where a slot is
+    padding or a negative equals its target). Backward multiplies the error by the partner rows (two
+    batched products), applies the implicit step's per-word scale, and returns each table's gradient as
+    (word id, row) pairs -- a sparse COO tensor whose duplicate ids are summed by the SGD update, or a
+    dense one built by `index_add_`. The optimizer step is then word2vec's update: lr x summed error x
+    partner row, through the shared trainer, so DDP, accumulation and the LR schedule still apply.
+
+    Inputs: the two weight tables; `inputs` (rows, m) input word ids with `context_mask` (rows, m);
+    `targets` (rows, 1 + K) the word to predict then K negatives, `negative_mask` (rows, K); `spans`
+    (skip-gram, optional) how many rows have each window size 1..window, rows sorted by it, so a row of
+    window b is scored on its 2b possible contexts only, not all 2 x window slots; the `learning_rate`
+    the coming update uses (for the implicit scale); `StepOptions`. Returns the loss SUMMED over
+    predictions (word2vec's SGD applies each prediction's gradient at the full rate).
+    """
+
+    @staticmethod
+    def forward(ctx, input_weight: torch.Tensor, output_weight: torch.Tensor, inputs: torch.Tensor,
+                context_mask: torch.Tensor, targets: torch.Tensor, negative_mask: torch.Tensor,
+                spans: torch.Tensor | None, learning_rate: torch.Tensor, options: StepOptions) -> torch.Tensor:
+        rows, width = targets.shape
+        dim = output_weight.shape[1]
+        outputs = output_weight.index_select(0, targets.reshape(-1)).view(rows, width, dim)
+        # "Slots" are what is scored against a row's outputs: its context words (skip-gram) or its pooled
+        # context (CBOW, one per row). groups: (first row, end row, first slot, slots per row).
+        noise_keep = torch.cat([negative_mask.new_ones(rows, 1), negative_mask], 1)  # (rows, 1 + K)
+        if options.mode == "cbow":
+            members = context_mask.nonzero(as_tuple=True)[0]  # the row of each context word, row-major
+            input_ids = inputs[context_mask]
+            counts = context_mask.sum(1)
+            hidden = F.embedding_bag(input_ids, input_weight, counts.cumsum(0) - counts,
+                                     mode="mean" if options.cbow_mean else "sum")  # (rows, dim)
+            slot_rows, groups, keep = None, [(0, rows, 0, 1)], noise_keep
+        else:
+            members = counts = None
+            input_ids, slot_mask, slot_rows, groups = _skipgram_slots(inputs, context_mask, spans)
+            hidden = input_weight.index_select(0, input_ids)  # (slots, dim)
+            keep = noise_keep.index_select(0, slot_rows) & slot_mask.unsqueeze(1)  # (slots, 1 + K)
+        scores = hidden.new_empty(len(hidden), width)
+        for first, end, slot, m in groups:
+            n, part = end - first, slice(slot, slot + (end - first) * m)
+            torch.bmm(hidden[part].view(n, m, dim), outputs[first:end].transpose(1, 2), out=scores[part].view(n, m, width))
+        # -log sigmoid(s) for the word to predict, -log sigmoid(-s) = softplus(s) for each noise word.
+        signed = scores.clone()
+        signed[:, 0].neg_()
+        loss = torch.where(keep, F.softplus(signed), 0.0).sum()
+        if not any(ctx.needs_input_grad[:2]):
+            return loss
+        probability = torch.sigmoid(scores)
+        error = probability.clone()
+        error[:, 0] -= 1.0  # d loss / d score = sigmoid(score) - label
+        error = error * keep
+        input_error = output_error = error
+        if options.implicit:
+            # Curvature of the logistic loss along a row: sigmoid' times the squared norm of its partner.
+            curvature = probability * (1 - probability) * keep  # (slots, 1 + K)
+            output_norms = torch.linalg.vector_norm(outputs, dim=-1).square()  # (rows, 1 + K)
+            hidden_norms = torch.linalg.vector_norm(hidden, dim=-1).square()  # (slots,)
+            slot_output_norms = output_norms if slot_rows is None else output_norms.index_select(0, slot_rows)
+            input_curvature = (curvature * slot_output_norms).sum(1)  # (slots,)
+            output_curvature = curvature * hidden_norms.unsqueeze(1)
+            if slot_rows is not None:  # a row's outputs collect the curvature of all its slots
+                output_curvature = output_curvature.new_zeros(rows, width).index_add_(0, slot_rows, output_curvature)
+            vocab = input_weight.shape[0]
+            if options.mode == "cbow":  # each context word gets the pooled error: its curvature / count
+                per_word = (input_curvature / counts.clamp(min=1))[members]
+                # A context word's scale cannot fold into its row's error (the row is shared): kept apart.
+                ctx.input_scale = implicit_row_scales(input_ids, per_word, vocab, learning_rate)[input_ids]
+            else:
+                input_scale = implicit_row_scales(input_ids, input_curvature, vocab, learning_rate)
+                input_error = error * input_scale[input_ids].unsqueeze(1)
+            output_scale = implicit_row_scales(targets.reshape(-1), output_curvature.reshape(-1), vocab, learning_rate)
+            # The scales multiply the rows' gradients; folded into the (small) error, they cost nothing more.
+            output_scale = output_scale[targets]
+            output_error = error * (output_scale if slot_rows is None else output_scale.index_select(0, slot_rows))
+        ctx.options, ctx.groups, ctx.shapes = options, groups, (input_weight.shape, output_weight.shape)
+        ctx.save_for_backward(input_error, output_error, hidden, outputs, input_ids, targets, members, counts)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        input_error, output_error, hidden, outputs, input_ids, targets, members, counts = ctx.saved_tensors
+        options, groups, (input_shape, output_shape) = ctx.options, ctx.groups, ctx.shapes
+        rows, width, dim = outputs.shape
+        # The trainer's scale (the process count) enters on the small error tensors, not on the rows.
+        input_error, output_error = input_error * grad_loss, output_error * grad_loss
+        input_rows = hidden.new_empty(hidden.shape)  # one per slot
+        output_rows = outputs.new_empty(outputs.shape)  # one per (row, target or negative)
+        for first, end, slot, m in groups:
+            n, part = end - first, slice(slot, slot + (end - first) * m)
+            torch.bmm(input_error[part].view(n, m, width), outputs[first:end], out=input_rows[part].view(n, m, dim))
+            if options.mode != "cbow":
+                torch.bmm(output_error[part].view(n, m, width).transpose(1, 2), hidden[part].view(n, m, dim),
+                          out=output_rows[first:end])
+        if options.mode == "cbow":
+            # One slot per row: the output rows are outer products, a broadcast multiply (no batched product).
+            torch.mul(output_error.unsqueeze(2), hidden.unsqueeze(1), out=output_rows)
+            if not options.cbow_mean:  # a summed context hands each word the error / count (as gensim)
+                input_rows = input_rows / counts.clamp(min=1).unsqueeze(1)
+            input_rows = input_rows.index_select(0, members)  # every context word gets its row's error whole
+            if options.implicit:
+                input_rows = input_rows * ctx.input_scale.unsqueeze(1)
+        grads = (_rows_as_gradient(input_ids, input_rows, input_shape, options.sparse) if ctx.needs_input_grad[0]
+                 else None,
+                 _rows_as_gradient(targets.reshape(-1), output_rows.view(-1, dim), output_shape, options.sparse)
+                 if ctx.needs_input_grad[1] else None)
+        return *grads, None, None, None, None, None, None, None
+
+
+def _skipgram_slots(inputs: torch.Tensor, context_mask: torch.Tensor, spans: torch.Tensor | None):
+    """Skip-gram's slots, flat: (word ids, valid, row of each, groups as in `NegativeSamplingStep`).
+
+    Without `spans`, every row has all its m slots. With them (rows sorted by window size b = 1..window,
+    `spans[b - 1]` rows each), a row of window b keeps only the 2b slots its window can reach (the
+    middle columns: offsets -b..-1, 1..b): with windows shrunk uniformly, 6 of 10 slots on average.
+    """
+    rows, m = inputs.shape
+    if spans is None:
+        slot_rows = torch.arange(rows, device=inputs.device).repeat_interleave(m)
+        return inputs.reshape(-1), context_mask.reshape(-1), slot_rows, [(0, rows, 0, m)]
+    window = m // 2
+    ids, valid, widths, groups = [], [], [], []
+    first = slot = 0
+    for span, n in enumerate(spans.tolist(), start=1):
+        if n == 0:
+            continue
+        columns = slice(window - span, window + span)
+        ids.append(inputs[first:first + n, columns].reshape(-1))
+        valid.append(context_mask[first:first + n, columns].reshape(-1))
+        widths.append(2 * span)
+        groups.append((first, first + n, slot, 2 * span))
+        first, slot = first + n, slot + n * 2 * span
+    if first != rows:
+        raise ValueError(f"spans count {first} rows, the batch has {rows}")
+    counts = torch.tensor([end - start for start, end, _, _ in groups], device=inputs.device)
+    slot_rows = torch.arange(rows, device=inputs.device).repeat_interleave(
+        torch.tensor(widths, device=inputs.device).repeat_interleave(counts))
+    return torch.cat(ids), torch.cat(valid), slot_rows, groups
+
+
+def _rows_as_gradient(ids: torch.Tensor, rows: torch.Tensor, shape: torch.Size, sparse: bool) -> torch.Tensor:
+    """The gradient of a table from per-occurrence rows; rows of a repeated id are summed (by the sparse
+    update, or here by `index_add_`)."""
+    if sparse:
+        return torch.sparse_coo_tensor(ids.unsqueeze(0), rows, shape, check_invariants=False)
+    return rows.new_zeros(shape).index_add_(0, ids, rows)
+
+
 class Word2VecModel(nn.Module):
     """Two embedding tables: input vectors (the word vectors exported) and output vectors (syn1neg).
 
-    `forward(inputs, context_mask, targets)` scores rows of predictions. Row n has up to m input words
-    (`inputs[n]`, valid where `context_mask[n]`) and 1 + K output words (`targets[n]`: the word to
+    `forward(inputs, context_mask, targets, negative_mask)` returns the negative-sampling loss summed
+    over a batch of predictions (see `NegativeSamplingStep` for the layout). Row n has up to m input
+    words (`inputs[n]`, valid where `context_mask[n]`) and 1 + K output words (`targets[n]`: the word to
     predict, then K negatives). Skip-gram scores every valid input against every output (m = 1 when
-    negatives are drawn per pair); CBOW first averages the inputs. All gradient work happens here, so
-    DDP syncs it.
+    negatives are drawn per pair); CBOW first pools the inputs. All gradient work happens here, so DDP
+    syncs it.
     """
 
     def __init__(self, vocab_size: int, vector_size: int, mode: str = "skipgram", sparse: bool = True,
                  cbow_mean: bool = True, implicit_updates: bool = True):
         super().__init__()
+        # nn.Embedding for the parameter names checkpoints and exports use; the step gathers by hand.
         self.input_vectors = nn.Embedding(vocab_size, vector_size, sparse=sparse)
         self.output_vectors = nn.Embedding(vocab_size, vector_size, sparse=sparse)
-        self.mode, self.cbow_mean, self.implicit_updates = mode, cbow_mean, implicit_updates
+        self.mode, self.cbow_mean, self.implicit_updates, self.sparse = mode, cbow_mean, implicit_updates, sparse
         # The SGD step size of the coming update (set by a step hook); a buffer, so a checkpoint keeps it.
         self.register_buffer("learning_rate", torch.zeros(()))
         # word2vec.c's init: small uniform input vectors, zero output vectors.
         nn.init.uniform_(self.input_vectors.weight, -0.5 / vector_size, 0.5 / vector_size)
         nn.init.zeros_(self.output_vectors.weight)
 
-    def forward(self, inputs: torch.Tensor, context_mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Scores of shape (rows, m, 1 + K) for skip-gram, (rows, 1, 1 + K) for CBOW."""
-        contexts = self.input_vectors(inputs)
-        outputs = self.output_vectors(targets)
-        hidden = _cbow_hidden(contexts, context_mask, self.cbow_mean).unsqueeze(1) if self.mode == "cbow" else contexts
-        scores = torch.matmul(hidden, outputs.transpose(1, 2))
-        if self.implicit_updates and self.training and torch.is_grad_enabled():
-            self._scale_row_gradients(inputs, context_mask, targets, contexts, hidden, outputs, scores)
-        return scores
-
-    @torch.no_grad()
-    def _scale_row_gradients(self, inputs, context_mask, targets, contexts, hidden, outputs, scores) -> None:
-        """Hooks that scale each gathered row's gradient by `implicit_row_scale` (see there)."""
-        probability = torch.sigmoid(scores.float())
-        # Curvature of the logistic loss along a row: sigmoid' times the squared norm of its partner.
-        weight = probability * (1 - probability)  # (rows, m', 1 + K)
-        valid = context_mask.unsqueeze(-1) if self.mode == "skipgram" else torch.ones_like(weight, dtype=torch.bool)
-        weight = weight * valid
-        output_curvature = (weight * hidden.float().pow(2).sum(-1, keepdim=True)).sum(1)  # (rows, 1 + K)
-        input_curvature = (weight * outputs.float().pow(2).sum(-1).unsqueeze(1)).sum(-1)  # (rows, m')
-        if self.mode == "cbow":  # each context word gets the hidden vector's error: curvature per word / count
-            count = context_mask.sum(1, keepdim=True).clamp(min=1)
-            input_curvature = input_curvature * context_mask / count
-        else:
-            input_curvature = input_curvature * context_mask
-        vocab = self.input_vectors.num_embeddings
-        input_scale = implicit_row_scale(inputs, input_curvature, vocab, self.learning_rate).unsqueeze(-1)
-        output_scale = implicit_row_scale(targets, output_curvature, vocab, self.learning_rate).unsqueeze(-1)
-        contexts.register_hook(lambda grad: grad * input_scale.to(grad.dtype))
-        outputs.register_hook(lambda grad: grad * output_scale.to(grad.dtype))
-
-
-def negative_sampling_loss(scores: torch.Tensor, prediction_mask: torch.Tensor,
-                           negative_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """-log sigmoid(target score) - sum log sigmoid(-noise score), SUMMED over predictions (word2vec's SGD
-    applies each prediction's gradient at the full learning rate); also returns the mean per prediction.
-
-    `scores` is (rows, m, 1 + K): `[..., 0]` the word to predict, `[..., 1:]` the negatives;
-    `prediction_mask` (rows, m) marks real predictions; `negative_mask` (rows, K) drops negatives that
-    happen to equal the target (gensim skips those too).
-    """
-    noise = (F.softplus(scores[..., 1:]) * negative_mask.unsqueeze(1)).sum(-1)
-    per_prediction = (F.softplus(-scores[..., 0]) + noise) * prediction_mask
-    count = prediction_mask.sum().clamp(min=1)
-    return per_prediction.sum(), per_prediction.detach().sum() / count
+    def forward(self, inputs: torch.Tensor, context_mask: torch.Tensor, targets: torch.Tensor,
+                negative_mask: torch.Tensor, spans: torch.Tensor | None = None) -> torch.Tensor:
+        options = StepOptions(mode=self.mode, cbow_mean=self.cbow_mean, sparse=self.sparse,
+                              implicit=self.implicit_updates and self.training and torch.is_grad_enabled())
+        # float32 throughout: the update is lr x error x row, too small for half precision's mantissa.
+        with torch.autocast(device_type=inputs.device.type, enabled=False):
+            return NegativeSamplingStep.apply(self.input_vectors.weight, self.output_vectors.weight, inputs,
+                                              context_mask, targets, negative_mask, spans, self.learning_rate, options)
 
 
 class Word2VecObjective(Objective):
@@ -551,9 +680,6 @@ class Word2VecObjective(Objective):
         on_gpus = accelerator is not None and accelerator.device.type != "cpu"
         sparse = config.model.sparse_gradients
         self.sparse = sparse if sparse is not None else not (processes > 1 and on_gpus)
-        # word2vec's update is the SUM of per-prediction gradients; DDP and gradient accumulation average
-        # over processes and micro-batches, so the step size is scaled back up by both.
-        self.lr_scale = processes * config.train.gradient_accumulation_steps
         self.words_per_epoch = self._count_words()
         if config.epochs is not None:
             per_step = config.train.per_device_batch_size * processes
@@ -624,9 +750,16 @@ class Word2VecObjective(Objective):
         draws = torch.cat([torch.randint(0, NOISE_DOMAIN, (n * model.negative,), generator=g)
                            for n, g in zip(per_example, generators)])
         noise = torch.searchsorted(self.noise, draws, right=True).view(len(targets), model.negative)
-        return {"inputs": inputs, "context_mask": context_mask,
-                "targets": torch.cat([targets.unsqueeze(1), noise], 1),
-                "negative_mask": noise != targets.unsqueeze(1), "words": kept["words"]}
+        batch = {"inputs": inputs, "context_mask": context_mask, "targets": torch.cat([targets.unsqueeze(1), noise], 1),
+                 "negative_mask": noise != targets.unsqueeze(1), "words": kept["words"]}
+        if model.mode == "skipgram" and model.shared_negatives and model.shrink_windows:
+            # Rows sorted by window size (after the per-example draws, which stay in example order): the
+            # step then scores a row of window b on its 2b possible contexts, not all 2 x window slots.
+            spans = model.window - kept["reduced"][centres]
+            order = torch.argsort(spans, stable=True)
+            batch = {key: value[order] if key != "words" else value for key, value in batch.items()}
+            batch["spans"] = torch.bincount(spans, minlength=model.window + 1)[1:]
+        return batch
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["words"])
@@ -636,11 +769,24 @@ class Word2VecObjective(Objective):
         return Word2VecModel(len(self.corpus.vocabulary), model.vector_size, mode=model.mode, sparse=self.sparse,
                              cbow_mean=model.cbow_mean, implicit_updates=resolved_implicit_updates(model))
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-        scores = model(batch["inputs"], batch["context_mask"], batch["targets"])
-        predictions = batch["context_mask"] if self.config.model.mode == "skipgram" else batch["targets"][:, :1] >= 0
-        total, mean = negative_sampling_loss(scores, predictions, batch["negative_mask"])
-        return total, {"ns_loss": mean}
+    def predictions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Predictions (word to predict + its negatives) in a batch: valid (context, centre) pairs for
+        skip-gram, centres for CBOW."""
+        if self.config.model.mode == "skipgram":
+            return batch["context_mask"].sum()
+        return torch.tensor(len(batch["targets"]))
+
+    def targets(self, batch: dict[str, torch.Tensor]) -> dict[str, float | torch.Tensor]:
+        return {"predictions": self.predictions(batch)}
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor],
+             ctx: LossContext) -> tuple[torch.Tensor, dict[str, Any]]:
+        total = model(batch["inputs"], batch["context_mask"], batch["targets"], batch["negative_mask"],
+                      batch.get("spans"))
+        logs = {"ns_loss": Ratio(total.detach(), self.predictions(batch))}
+        # word2vec's update is the SUM of per-prediction gradients (each at the full learning rate);
+        # ctx.sum undoes DDP's averaging. The eval loss is the mean per prediction.
+        return (ctx.sum("predictions", total) if ctx.training else ctx.mean("predictions", total)), logs
 
     def build_optimizer(self, model: nn.Module, args: TrainConfig) -> torch.optim.Optimizer:
         if self.sparse and args.max_grad_norm is not None:
@@ -649,7 +795,7 @@ class Word2VecObjective(Objective):
                               "null, or model.sparse_gradients false")
         if args.weight_decay:
             logger.info("word2vec uses plain SGD: train.weight_decay=%g is not applied", args.weight_decay)
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate * self.lr_scale)
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate)
         self._optimizer = optimizer
         model.learning_rate.fill_(optimizer.param_groups[0]["lr"])
         return optimizer
@@ -797,6 +943,8 @@ def train_word2vec(config: Word2VecConfig | str | Path, overrides: list[str] | d
     """Train word vectors on the backend the config names; export them (and upload if hub.repo_id is set)."""
     config = _as_config(config, overrides)
     _check_config(config)
+    if config.hub.repo_id:  # fail before training, not after, when the upload cannot work (one process asks the Hub)
+        check_push_access(config.hub.repo_id, config.hub.token, ask_hub=os.environ.get("RANK", "0") == "0")
     result = _train_torch(config, callbacks) if config.backend == "torch" else _train_gensim(config)
     if config.hub.repo_id and result.export_dir is not None and _is_main_process():
         push_to_hub(result.export_dir, config.hub.repo_id, token=config.hub.token, private=config.hub.private)
@@ -868,7 +1016,7 @@ def _train_gensim(config: Word2VecConfig) -> Word2VecResult:
     export_dir = None
     output_dir = Path(config.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.json").write_text(json.dumps(to_dict(config), indent=1))
+    (output_dir / "config.json").write_text(json.dumps(redact(to_dict(config)), indent=1))  # no hub.token on disk
     if config.train.export:
         summary = {"train_seconds": round(elapsed, 2), "words_per_second": round(words / elapsed)}
         export_dir = export_vectors(model.wv, output_dir / "model", config=config, summary=summary,
@@ -882,12 +1030,14 @@ def _train_gensim(config: Word2VecConfig) -> Word2VecResult:
 
 
 def main(argv: list[str] | None = None) -> Word2VecResult | None:
-    """Both backends from the command line; torch runs under `accelerate launch` as well."""
-    argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print("usage: python -m textssl.word2vec --config FILE [--backend torch|gensim] [--section.key VALUE ...]")
-        print("\n".join(cfg.describe(Word2VecConfig)))
-        return None
+    """Both backends from the command line; torch runs under `accelerate launch` as well. A mistake in the
+    command line, config or paths prints one line and exits with status 2 (`--debug`: the traceback)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> Word2VecResult | None:
+    show_help = "-h" in argv or "--help" in argv
+    argv = [a for a in argv if a not in ("-h", "--help")]
     path, overrides, i = None, [], 0
     while i < len(argv):
         name, eq, value = argv[i].partition("=")
@@ -897,12 +1047,15 @@ def main(argv: list[str] | None = None) -> Word2VecResult | None:
             continue
         overrides.append(argv[i])
         i += 1
+    if show_help:
+        print("usage: python -m textssl.word2vec --config FILE [--backend torch|gensim] [--section.key VALUE ...] "
+              f"[--debug]\n\n{DEBUG_HELP}.\n\noptions, with the values this run would use (defaults, then the "
+              "YAML, then your overrides; `default` shown where it differs):")
+        print("\n".join(cfg.describe(_as_config(path, overrides) if path else Word2VecConfig)))
+        return None
     if path is None:
-        sys.exit("--config FILE is required, e.g. recipes/configs/word2vec_skipgram_tiny.yaml")
-    try:
-        config = _as_config(path, overrides)
-    except ConfigError as error:
-        sys.exit(f"config error: {error}")
+        raise ConfigError("--config FILE is required, e.g. recipes/configs/word2vec_skipgram_tiny.yaml")
+    config = _as_config(path, overrides)
     result = train_word2vec(config)
     if _is_main_process():
         print(f"{result.backend}: {len(result.vectors):,} vectors, {result.words_per_second:,.0f} words/s, "
