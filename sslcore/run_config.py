@@ -44,7 +44,8 @@ class TrainConfig:
     """DataLoader worker processes (0 = load in the training process; best on 2 cores)."""
     num_threads: int | None = None
     """torch threads per process; None = OMP_NUM_THREADS if you set it (outside `accelerate launch`),
-    else this machine's cores / its processes (`accelerate launch` alone would leave one thread)."""
+    else this machine's cores / its processes, less num_workers (`accelerate launch` alone would leave
+    one thread)."""
     log_every: int = 10
     """Log loss, throughput and ETA every N steps."""
     eval_every: int = 0

@@ -98,13 +98,13 @@ def _multi_process_without_gpu() -> bool:
 _LAUNCHER_VARIABLES = {"ACCELERATE_DYNAMO_BACKEND", "TORCHELASTIC_RUN_ID"}
 
 
-def configure_threads(requested: int | None) -> tuple[int, str]:
+def configure_threads(requested: int | None, loader_workers: int = 0) -> tuple[int, str]:
     """Set torch's intra-op threads for this process; return (threads, why).
 
     `accelerate launch` and torchrun export OMP_NUM_THREADS=1 unless told otherwise, so a
     one-process CPU run would use one core of many. Policy: `train.num_threads` if set; else
     OMP_NUM_THREADS when set outside a launcher; else the cores this process may use divided by
-    the processes on this machine.
+    the processes on this machine, less its DataLoader workers (each keeps a core busy collating).
     """
     if requested is not None:
         threads, why = requested, "train.num_threads"
@@ -113,8 +113,9 @@ def configure_threads(requested: int | None) -> tuple[int, str]:
     else:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        threads = max(1, cores // local)
-        why = f"{cores} cores / {local} process(es) on this machine; pin with --train.num_threads"
+        threads = max(1, cores // local - loader_workers)
+        why = (f"{cores} cores / {local} process(es) on this machine"
+               + (f" - {loader_workers} loader worker(s)" if loader_workers else "") + "; pin with --train.num_threads")
     torch.set_num_threads(threads)
     return threads, why
 
@@ -299,7 +300,7 @@ class Trainer:
         args, acc = self.args, self.accelerator
         if acc.is_main_process:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        threads, why = configure_threads(args.num_threads)
+        threads, why = configure_threads(args.num_threads, args.num_workers)
         logger.info("torch uses %d thread(s) per process (%s)", threads, why)
         resume_path = resolve_resume(args.resume, self.output_dir)
         if resume_path is not None and self._already_finished(resume_path):

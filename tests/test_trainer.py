@@ -451,6 +451,7 @@ def test_thread_policy(monkeypatch):
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
         threads, why = configure_threads(None)
         assert threads == len(os.sched_getaffinity(0)) and "cores" in why
+        assert configure_threads(None, loader_workers=1)[0] == max(1, threads - 1)  # a worker keeps a core busy
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(threads))
         assert configure_threads(None)[0] == 1
         # Outside accelerate launch, a user's OMP_NUM_THREADS is respected.
