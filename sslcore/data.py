@@ -203,14 +203,17 @@ class LengthGroupedBatches(BatchPlan):
 class ProcessBatches(Sampler):
     """This process's share of a `BatchPlan`, as a batch sampler of `(epoch, index)` keys.
 
-    Process p takes micro-batches p, p+N, p+2N... of the epoch, only from rounds every process
-    can fill (so all processes run the same number of steps and collectives never hang);
-    `start` skips this many of its own micro-batches (resume, without reading them).
-    `limit` caps its micro-batches (eval_batches counted globally: limit = cap // N).
+    Process p takes micro-batches p, p+N, p+2N... of the epoch, only from whole optimizer steps
+    (N processes x `accumulation` micro-batches): every process runs the same number of steps,
+    collectives never hang, and 1 process accumulating N micro-batches sees the same steps as N
+    processes (a short last window would differ). `start` skips this many of its own
+    micro-batches (resume, without reading them). `limit` caps its micro-batches (eval_batches
+    counted globally: limit = cap // N).
     """
 
-    def __init__(self, plan: BatchPlan, rank: int, world: int, limit: int | None = None):
+    def __init__(self, plan: BatchPlan, rank: int, world: int, limit: int | None = None, accumulation: int = 1):
         self.plan, self.rank, self.world, self.limit = plan, rank, world, limit
+        self.accumulation = accumulation
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -218,8 +221,8 @@ class ProcessBatches(Sampler):
 
     def _mine(self) -> list[list[int]]:
         batches = self.plan.batches(self.epoch)
-        rounds = len(batches) // self.world
-        mine = batches[self.rank: rounds * self.world: self.world]
+        steps = len(batches) // (self.world * self.accumulation)
+        mine = batches[self.rank: steps * self.world * self.accumulation: self.world]
         return mine[: self.limit] if self.limit is not None else mine
 
     def __len__(self) -> int:

@@ -216,12 +216,13 @@ class Trainer:
         acc, args = self.accelerator, self.args
         plan = (self.objective.batch_sampler(dataset, args.per_device_batch_size, args.seed)
                 or ShuffledBatches(len(dataset), args.per_device_batch_size, args.seed))
-        batches = ProcessBatches(plan, acc.process_index, acc.num_processes)
+        batches = ProcessBatches(plan, acc.process_index, acc.num_processes,
+                                 accumulation=args.gradient_accumulation_steps)
         if len(batches) == 0:
             raise ValueError(
                 f"the training set has {len(dataset)} examples, fewer than one global batch of "
-                f"{args.per_device_batch_size * acc.num_processes}; use more data or a smaller "
-                "train.per_device_batch_size")
+                f"{args.per_device_batch_size * acc.num_processes * args.gradient_accumulation_steps}; use more "
+                "data, a smaller train.per_device_batch_size or less accumulation")
         loader = DataLoader(
             SeededDataset(dataset, args.seed), batch_sampler=batches, collate_fn=SeededCollator(self.objective.collate),
             num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
@@ -276,7 +277,8 @@ class Trainer:
             yield send_to_device(batch, self.accelerator.device)
 
     def _windows(self, batches: Iterator[dict]) -> Iterator[list[dict]]:
-        """Group micro-batches into accumulation windows (a shorter one at the end of an epoch)."""
+        """Group micro-batches into accumulation windows (whole ones: the batch plan deals whole steps;
+        only a stream can end an epoch mid-window)."""
         window: list[dict] = []
         for batch in batches:
             window.append(batch)

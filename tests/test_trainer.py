@@ -505,3 +505,14 @@ def test_objective_ddp_options_reach_the_ddp_wrapper(tmp_path):
     config.train.output_dir = str(tmp_path)
     trainer = Trainer(OwnBuffers(config))
     assert trainer.accelerator.ddp_handler.broadcast_buffers is False
+
+
+def test_accumulation_deals_whole_steps_like_more_processes():
+    from sslcore.data import ProcessBatches, ShuffledBatches
+
+    plan = ShuffledBatches(200, 8, seed=1)  # 25 micro-batches an epoch
+    one = list(ProcessBatches(plan, 0, 1, accumulation=2))
+    two = [list(ProcessBatches(plan, rank, 2)) for rank in range(2)]
+    assert len(one) == 24 and len(two[0]) == len(two[1]) == 12  # the odd 25th never makes a short step
+    interleaved = [batch for pair in zip(*two) for batch in pair]
+    assert one == interleaved  # step k holds the same examples whichever way it is split
