@@ -6,12 +6,17 @@ from pathlib import Path
 from typing import Any
 
 
+def _curve(history: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    return [(h["step"], h[key]) for h in history if key in h]
+
+
 def plot_history(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
-    """Train loss (and eval loss where present) against step, written as a PNG. None if no points."""
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    """Train loss (and eval loss where present) against step, written as a PNG, plus one dashed curve
+    per loss term when the loss has several (MLM + NSP, contrastive + diversity). None if no points."""
+    train, evals = _curve(history, "loss"), _curve(history, "eval_loss")
     if not train and not evals:
         return None
+    terms = sorted({k for h in history for k in h if k.endswith("_loss") and not k.startswith("eval_")})
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers
@@ -22,6 +27,8 @@ def plot_history(history: list[dict[str, Any]], path: str | Path, title: str = "
         ax.plot(*zip(*train), label="train loss")
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
+    for term in terms:
+        ax.plot(*zip(*_curve(history, term)), "--", label=f"train {term.replace('_', ' ')}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title)
