@@ -1,0 +1,6 @@
+"""Vision self-supervised learning on the shared trainer: SimCLR, MoCo v2/v3, BYOL, SimSiam, RotNet.
+
+Importing the package registers its objectives (`objective: simclr` etc. in a config).
+"""
+
+from visionssl import byol, moco, rotation, simclr, simsiam  # noqa: F401  (registers the objectives)
