@@ -19,6 +19,7 @@ DataLoader workers.
     python benchmarks/word2vec_speed.py                       # skip-gram and CBOW, 3 repeats, 1 epoch
     python benchmarks/word2vec_speed.py --sources mixed --epochs 1 --repeats 5 --modes skipgram
     python benchmarks/word2vec_speed.py --batch 64 --workers 8   # a GPU: bigger steps, more collate workers
+    python benchmarks/word2vec_speed.py --modes cbow --sharing-strategy file_system   # how workers hand batches over
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def _overrides(args, backend: str, mode: str, run: int) -> dict:
 
 
 def autograd_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The step as the torch backend ran it before `NegativeSamplingStep`: autograd through (sparse)
+    """`batch`: the step's inputs (`Word2VecObjective.unpack` of a collated batch). The step as the torch backend ran it before `NegativeSamplingStep`: autograd through (sparse)
     embedding lookups, CBOW's mean with word2vec.c's gradient, the implicit scale as gradient hooks.
     The same maths (tests/test_word2vec.py checks the two updates agree); kept here as the baseline."""
     import torch.nn.functional as F
@@ -110,7 +111,7 @@ def profile_torch_step(config_path: str, overrides: dict, steps: int = 20) -> di
     models["autograd"].load_state_dict(models["fused"].state_dict())
     optimizers = {name: objective.build_optimizer(model, config.train) for name, model in models.items()}
     losses = {"fused": lambda model, batch: objective.loss(model, batch, LossContext({}, 1))[0],
-              "autograd": autograd_loss}
+              "autograd": lambda model, batch: autograd_loss(model, objective.unpack(batch))}
     dataset, size = objective.train_dataset(), config.train.per_device_batch_size
     collate: list[float] = []
     timings = {name: {"forward": [], "backward": [], "update": []} for name in models}
@@ -125,7 +126,7 @@ def profile_torch_step(config_path: str, overrides: dict, steps: int = 20) -> di
         batch = objective.collate(rows, [step * size + i for i in range(size)])
         if step:  # the first step warms up allocators and kernels
             collate.append(time.perf_counter() - started)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         for name, model in models.items():
             sync()
             started = time.perf_counter()
@@ -165,8 +166,12 @@ def main(argv: list[str] | None = None) -> dict:
                         help="torch threads (default on CPU: the cores the collate workers leave, at least 1)")
     parser.add_argument("--pair-negatives", action="store_true",
                         help="skip-gram negatives per (context, centre) pair, as word2vec.c (default: per window)")
+    parser.add_argument("--sharing-strategy", default=None, choices=sorted(torch.multiprocessing.get_all_sharing_strategies()),
+                        help="how DataLoader workers hand tensors over (default: torch's, file_descriptor on Linux)")
     parser.add_argument("--output", default="runs/word2vec_speed")
     args = parser.parse_args(argv)
+    if args.sharing_strategy:
+        torch.multiprocessing.set_sharing_strategy(args.sharing_strategy)
     cores = cpu_cores()
     if args.workers is None:
         args.workers = 1 if cores <= 4 else 4

@@ -168,8 +168,9 @@ def test_skipgram_batches_hold_the_window_pairs_and_k_negatives(prepared, shared
     original, prepared.config.model.shared_negatives = prepared.config.model.shared_negatives, shared
     try:
         examples = prepared.train_dataset().__getitems__([0, 1, 2])
-        batch = prepared.collate(examples, [11, 12, 13])
+        packed = prepared.collate(examples, [11, 12, 13])
         again = prepared.collate(examples, [11, 12, 13])
+        batch = prepared.unpack(packed)
     finally:
         prepared.config.model.shared_negatives = original
     kept = prepared.sample_positions(examples, [generator_for(s) for s in (11, 12, 13)])
@@ -178,9 +179,9 @@ def test_skipgram_batches_hold_the_window_pairs_and_k_negatives(prepared, shared
     negative = prepared.config.model.negative
     assert batch["targets"].shape[1] == 1 + negative
     assert torch.equal(batch["negative_mask"], batch["targets"][:, 1:] != batch["targets"][:, :1])
-    assert int(batch["words"]) == sum(len(e["ids"]) for e in examples)
-    for key in batch:  # the seeds fix the batch
-        assert torch.equal(batch[key], again[key])
+    assert packed["words"] == sum(len(e["ids"]) for e in examples)
+    assert set(packed) == ({"rows", "words", "spans"} if shared else {"rows", "words"})  # one tensor per batch
+    assert torch.equal(packed["rows"], again["rows"]) and packed.get("spans") == again.get("spans")  # seeds fix it
 
 
 def reference_loss(model: Word2VecModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -237,7 +238,8 @@ def test_fused_step_matches_the_autograd_update(prepared, mode, shared, implicit
     model_config.implicit_updates, model_config.cbow_mean = implicit, cbow_mean
     try:
         examples = prepared.train_dataset().__getitems__([0, 1, 2, 3])
-        batch = prepared.collate(examples, [21, 22, 23, 24])
+        packed = prepared.collate(examples, [21, 22, 23, 24])
+        batch = prepared.unpack(packed)
         prepared.sparse = sparse
         fused, reference = prepared.build_model(), prepared.build_model()
     finally:
@@ -249,10 +251,10 @@ def test_fused_step_matches_the_autograd_update(prepared, mode, shared, implicit
     reference.load_state_dict(fused.state_dict())
     start = fused.input_vectors.weight.detach().clone(), fused.output_vectors.weight.detach().clone()
 
-    assert ("spans" in batch) == (mode == "skipgram" and shared)  # rows grouped by window size
+    assert ("spans" in packed) == (mode == "skipgram" and shared)  # rows grouped by window size
 
     def fused_loss(model):
-        return model(batch["inputs"], batch["context_mask"], batch["targets"], batch["negative_mask"], batch.get("spans"))
+        return model(batch["inputs"], batch["context_mask"], batch["targets"], batch["negative_mask"], batch["spans"])
 
     losses = []
     for model, loss in ((fused, fused_loss), (reference, lambda model: reference_loss(model, batch))):
