@@ -159,9 +159,18 @@ def test_truncation_matches_bert():
         assert [len(x) for x in ours] == [len(x) for x in reference]
         for original, kept in zip((a, b), ours):  # a contiguous piece of the original
             assert kept == original[original.index(kept[0]):original.index(kept[0]) + len(kept)]
-    # Both ends get trimmed, about equally.
-    fronts = [truncate_pair(list(range(100)), [1], 50, generator_for(i))[0][0] > 0 for i in range(400)]
-    assert 0.3 < np.mean(fronts) < 0.7 or all(fronts)
+    # Both ends of both sides get trimmed, a fair coin per removed token: about half come off the front.
+    removed = {"front": 0, "back": 0}
+    for i in range(400):
+        a, b = list(range(100)), list(range(1000, 1060))  # 110 too many: A keeps 25 (75 removed), B 25 (35)
+        for original, kept in zip((a, b), truncate_pair(a, b, 50, generator_for(i))):
+            front = kept[0] - original[0]
+            back = len(original) - front - len(kept)
+            assert front > 0 and back > 0, f"pair {i}: one end of a side was never trimmed ({front} front, {back} back)"
+            removed["front"] += front
+            removed["back"] += back
+    share = removed["front"] / (removed["front"] + removed["back"])
+    assert abs(share - 0.5) < 0.02, f"{share:.3f} of the removed tokens came off the front"  # sd 0.0024
 
 
 def test_nsp_negatives_never_from_the_same_document_and_about_half(segments):

@@ -205,6 +205,7 @@ class CausalLMObjective(Objective):
     name = "gpt_clm"
     config_class = CLMConfig
     unit = "tokens"
+    reports_perplexity = True
     config: CLMConfig
 
     def prepare(self, accelerator=None) -> None:
