@@ -30,7 +30,10 @@ def tiny(cache_dir, output_dir, **extra):
         "model.num_attention_heads": 2, "model.intermediate_size": 64, "train.per_device_batch_size": 8,
         "train.progress_bar": "false", "train.report_to": "[]", "train.output_dir": str(output_dir),
         "train.max_steps": 40, "train.save_every": 5, "train.keep_checkpoints": 3, "train.log_every": 5,
-        "train.eval_every": 0, "train.learning_rate": 2e-3, **extra,
+        "train.eval_every": 0, "train.learning_rate": 2e-3,
+        # Bit-exact comparisons: with 2 threads some CPU kernels sum in a thread-dependent order, and two
+        # fresh identical runs were seen to differ by ~1e-7 (a SIGKILL-resume check failed once in 3 that way).
+        "train.num_threads": 1, **extra,
     }
     return [item for key, value in values.items() for item in (f"--{key}", str(value))]
 
