@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +12,7 @@ from sslcore.objective import LossContext
 from sslcore.registry import register_objective
 from visionssl.backbone import MLPHead, features
 from visionssl.losses import BYOLLoss
-from visionssl.objective import MomentumTarget, VisionConfig, VisionModel, VisionObjective, backbone_and_size
+from visionssl.objective import MomentumTargetObjective, VisionConfig, VisionModel, backbone_and_size
 from visionssl.views import ViewConfig
 
 
@@ -66,7 +65,7 @@ def project(encoder: nn.ModuleDict, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 @register_objective
-class BYOLObjective(VisionObjective):
+class BYOLObjective(MomentumTargetObjective):
     """2 - 2 cos(q(online(v1)), sg(target(v2))), symmetrised; target = EMA of online (a step hook)."""
 
     name = "byol"
@@ -80,15 +79,9 @@ class BYOLObjective(VisionObjective):
         head = self.config.head
         online = BYOLOnline(backbone, MLPHead(dim, head.hidden_dim, head.out_dim, head.layers, head.batch_norm),
                             MLPHead(head.out_dim, head.predictor_hidden_dim, head.out_dim, 2, head.batch_norm))
-        momentum = self.config.momentum
-        self.target = MomentumTarget(online.encoder, momentum.base, momentum.final, self.config.train.max_steps)
         self.criterion = BYOLLoss(reduction="sum")
-        if getattr(self, "_pending_state", None) is not None:  # loaded before the model was built
-            self.load_state_dict(self._pending_state)
+        self.build_target(online)
         return self.with_probe(online, dim)
-
-    def on_sync_batchnorm(self) -> None:
-        self.target.network = nn.SyncBatchNorm.convert_sync_batchnorm(self.target.network)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: LossContext) -> tuple[torch.Tensor, dict[str, Any]]:
         views = self.both_views(batch)
@@ -101,16 +94,3 @@ class BYOLObjective(VisionObjective):
         total = self.criterion(p1, t2) + self.criterion(p2, t1)
         return self.with_probe_loss(ctx.mean(self.loss_term, total), probe_logits, batch, ctx,
                                     self.monitor(z.chunk(2)[0], ctx.training))
-
-    def step_hooks(self) -> list[Callable[[nn.Module, int], None]]:
-        return [lambda model, step: self.target.update(model.encoder, step)]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"target": self.target.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not hasattr(self, "target"):
-            self._pending_state = state
-            return
-        self._pending_state = None
-        self.target.load_state_dict(state["target"])

@@ -17,7 +17,7 @@ from visionssl.backbone import MLPHead
 from visionssl.byol import MomentumConfig, project
 from visionssl.losses import InfoNCELoss
 from visionssl.backbone import features
-from visionssl.objective import MomentumTarget, VisionConfig, VisionModel, VisionObjective, backbone_and_size
+from visionssl.objective import MomentumTargetObjective, VisionConfig, VisionModel, backbone_and_size
 
 
 @dataclass
@@ -66,7 +66,7 @@ class MoCoEncoder(VisionModel):
         return self.encoder["projector"](h), self.probe(h, probe_rows)
 
 
-class _MoCoBase(VisionObjective):
+class _MoCoBase(MomentumTargetObjective):
     config: MoCoV2Config
     loss_term = "info_nce"
 
@@ -76,38 +76,19 @@ class _MoCoBase(VisionObjective):
     def build_model(self) -> nn.Module:
         backbone, dim = backbone_and_size(self.config, self.image_size)
         online = self._online(backbone, dim)
-        momentum = self.config.momentum
-        self.target = MomentumTarget(online.encoder, momentum.base, momentum.final, self.config.train.max_steps)
         self.criterion = InfoNCELoss(self.config.loss.temperature, reduction="sum")
         self._init_state()
-        if getattr(self, "_pending_state", None) is not None:  # loaded before the model was built
-            self.load_state_dict(self._pending_state)
+        self.build_target(online)
         return self.with_probe(online, dim)
 
     def _init_state(self) -> None:
         pass
-
-    def on_sync_batchnorm(self) -> None:
-        self.target.network = nn.SyncBatchNorm.convert_sync_batchnorm(self.target.network)
 
     def _keys(self, model: nn.Module, views: torch.Tensor) -> torch.Tensor:
         target = self.target.to(views.device)
         target.train(model.training)
         with torch.no_grad():
             return project(target, views)
-
-    def step_hooks(self) -> list[Callable[[nn.Module, int], None]]:
-        return [lambda model, step: self.target.update(model.encoder, step)]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"target": self.target.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not hasattr(self, "target"):
-            self._pending_state = state
-            return
-        self._pending_state = None
-        self.target.load_state_dict(state["target"])
 
 
 @register_objective

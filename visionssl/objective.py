@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -284,3 +285,30 @@ def backbone_and_size(config: VisionConfig, image_size: int) -> tuple[nn.Module,
 
     backbone = build_backbone(config.backbone, image_size)
     return backbone, feature_size(backbone)
+
+
+class MomentumTargetObjective(VisionObjective):
+    """A method with a momentum (EMA) copy of its online encoder: BYOL's target, MoCo's key encoder.
+    The target is objective state (saved in checkpoints) and moves in a step hook, never in forward."""
+
+    def build_target(self, online: nn.Module) -> None:
+        momentum = self.config.momentum
+        self.target = MomentumTarget(online.encoder, momentum.base, momentum.final, self.config.train.max_steps)
+        if getattr(self, "_pending_state", None) is not None:  # loaded before the model was built
+            self.load_state_dict(self._pending_state)
+
+    def on_sync_batchnorm(self) -> None:
+        self.target.network = nn.SyncBatchNorm.convert_sync_batchnorm(self.target.network)
+
+    def step_hooks(self) -> list[Callable[[nn.Module, int], None]]:
+        return [lambda model, step: self.target.update(model.encoder, step)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"target": self.target.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not hasattr(self, "target"):
+            self._pending_state = state
+            return
+        self._pending_state = None
+        self.target.load_state_dict(state["target"])
