@@ -358,11 +358,13 @@ def test_resume_restores_objective_state(tmp_path):
     assert torch.equal(a, b)
 
 
-def test_resume_is_exact_with_accumulation_capped_eval_and_workers(tmp_path):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_resume_is_exact_with_accumulation_capped_eval_and_workers(tmp_path, precision):
     from safetensors.torch import load_file
 
+    # (fp16's grad scaler needs a GPU: on CPU Accelerate makes none; its state is saved as scaler.pt.)
     common = dict(per_device_batch_size=4, gradient_accumulation_steps=3, eval_every=2, eval_batches=2,
-                  save_every=4, num_workers=1, learning_rate=0.05)
+                  save_every=4, num_workers=1, learning_rate=0.05, mixed_precision=precision)
     fit_uneven(tmp_path / "full", max_steps=10, **common)  # 64 rows / 4 / 3 -> an epoch ends mid-run
     fit_uneven(tmp_path / "part", max_steps=4, **common)
     fit_uneven(tmp_path / "part", max_steps=10, resume="latest", **common)
