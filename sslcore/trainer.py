@@ -29,7 +29,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from sslcore.checkpoint import CheckpointRotation, load_checkpoint, resolve_resume, save_checkpoint
+from sslcore.checkpoint import (
+    CheckpointRotation,
+    latest_checkpoint,
+    load_checkpoint,
+    read_trainer_state,
+    resolve_resume,
+    save_checkpoint,
+)
 from sslcore.config import ConfigError, to_dict
 from sslcore.data import (
     ProcessBatches,
@@ -530,14 +537,10 @@ class Trainer:
         logger.info("checkpoint written: %s", path)
 
     def _already_finished(self, checkpoint: Path) -> bool:
-        from sslcore.checkpoint import read_trainer_state
-
         return read_trainer_state(checkpoint)["step"] >= self.args.max_steps
 
     def _finished_result(self, checkpoint: Path) -> TrainResult:
         """Resuming a run that already reached max_steps: nothing to train, nothing rewritten."""
-        from sslcore.checkpoint import read_trainer_state
-
         state = read_trainer_state(checkpoint)
         if self.accelerator.is_main_process:
             logging.getLogger().setLevel(logging.INFO)
@@ -558,7 +561,6 @@ class Trainer:
         result = TrainResult(output_dir=self.output_dir, step=step, final_loss=last_loss, history=self.history,
                              eval=eval_logs)
         if acc.is_main_process:
-            from sslcore.checkpoint import latest_checkpoint
             from sslcore.plotting import plot_history
 
             plot_history(self.history, self.output_dir / "loss_curve.png", title=self.objective.name)
