@@ -28,3 +28,24 @@ def pytest_collection_modifyitems(config, items):
 def cache_dir(tmp_path_factory):
     """Corpora and tokenizers built once per session, shared by every test that needs them."""
     return str(tmp_path_factory.mktemp("selfsup-cache"))
+
+
+def build_tiny_encoder(out, cache_dir: str) -> str:
+    """An exported-looking BERT folder (BertForMaskedLM + a tokenizer trained on the tiny polarity task),
+    small enough to fine-tune in seconds; returns its path."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    from textssl.tasks import TaskConfig, load_task
+    from textssl.tokenizer import TokenizerConfig, train_tokenizer
+
+    task = load_task(TaskConfig(name="tiny-polarity", cache_dir=cache_dir))
+    tokenizer = train_tokenizer(task.splits["train"]["text"], TokenizerConfig(vocab_size=400, min_frequency=1),
+                                out / "tokenizer", model_max_length=64)
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                       pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    return str(out / "model")

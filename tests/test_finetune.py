@@ -11,7 +11,7 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from sklearn.linear_model import LogisticRegression
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForMaskedLM, pipeline
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 import textssl
 from sslcore import config as cfg
@@ -27,7 +27,6 @@ from textssl.finetune import (
     fit_ridge,
 )
 from textssl.tasks import TaskConfig, load_task
-from textssl.tokenizer import TokenizerConfig, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = {"max_steps": 12, "eval_every": 4, "per_device_batch_size": 16, "progress_bar": False, "log_every": 4}
@@ -36,16 +35,10 @@ FAST = {"max_steps": 12, "eval_every": 4, "per_device_batch_size": 16, "progress
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, cache_dir):
     """An exported-looking BERT folder (BertForMaskedLM + tokenizer + card), small enough to train in seconds."""
+    from conftest import build_tiny_encoder
+
     out = tmp_path_factory.mktemp("tiny-bert")
-    task = load_task(TaskConfig(name="tiny-polarity", cache_dir=cache_dir))
-    tokenizer = train_tokenizer(task.splits["train"]["text"], TokenizerConfig(vocab_size=400, min_frequency=1),
-                                out / "tokenizer", model_max_length=64)
-    torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
-                                       num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                                       pad_token_id=tokenizer.pad_token_id))
-    model.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
+    build_tiny_encoder(out, cache_dir)
     write_model_card(out / "model", model_name="tiny-bert", summary="A test encoder.", config={"hidden_size": 32},
                      training_data="none", metrics={"final_loss": 1.0})
     return str(out / "model")

@@ -112,23 +112,10 @@ def test_gpt_resumes_exactly_with_accumulation_and_capped_eval(cache_dir, tmp_pa
 # -- full fine-tuning (textssl.finetune through the sequence_classification objective) --------------------
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory, cache_dir):
-    """An exported-looking BERT folder (BertForMaskedLM + tokenizer), as tests/test_finetune.py builds it."""
-    from transformers import BertConfig, BertForMaskedLM
+    """An exported-looking BERT folder (BertForMaskedLM + tokenizer), as tests/test_finetune.py uses."""
+    from conftest import build_tiny_encoder
 
-    from textssl.tasks import TaskConfig, load_task
-    from textssl.tokenizer import TokenizerConfig, train_tokenizer
-
-    out = tmp_path_factory.mktemp("tiny-encoder")
-    task = load_task(TaskConfig(name="tiny-polarity", cache_dir=cache_dir))
-    tokenizer = train_tokenizer(task.splits["train"]["text"], TokenizerConfig(vocab_size=400, min_frequency=1),
-                                out / "tokenizer", model_max_length=64)
-    torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
-                                       num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                                       pad_token_id=tokenizer.pad_token_id))
-    model.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
-    return str(out / "model")
+    return build_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder"), cache_dir)
 
 
 FINETUNE_STEPS, FINETUNE_HALF = 16, 8
