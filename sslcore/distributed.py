@@ -14,6 +14,13 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def release_process_group() -> None:
+    """Destroy the default process group if one is up: done once by the entry point when it exits (see
+    `sslcore.errors.run_cli`), never by a run, so one launch can hold several runs."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum of `tensor` over processes (no gradient); the tensor itself on one process."""
     if not is_distributed():

@@ -89,6 +89,10 @@ def run_cli(main: Callable[[list[str]], T], argv: list[str] | None = None) -> T:
             raise
         print(user_error_line(error), file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR) from None
+    finally:
+        from sslcore.distributed import release_process_group
+
+        release_process_group()  # the launch's group lives as long as its entry point, not one run
 
 
 DEBUG_HELP = (f"{DEBUG_FLAG} (or {DEBUG_ENV}=1) shows the traceback of an error; without it a mistake in the "

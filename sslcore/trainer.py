@@ -550,7 +550,7 @@ class Trainer:
         losses = [h["loss"] for h in history if "loss" in h]
         evals = [h for h in history if any(k.startswith("eval_") for k in h)]
         export = self.output_dir / "model"
-        self.accelerator.end_training()
+        self._end_trackers()
         return TrainResult(output_dir=self.output_dir, step=state["step"], final_loss=losses[-1] if losses else float("nan"),
                            history=history, export_dir=export if export.is_dir() else None,
                            eval={k: v for k, v in evals[-1].items() if k != "step"} if evals else {})
@@ -569,5 +569,11 @@ class Trainer:
                 summary = {"steps": step, "final_loss": last_loss, **eval_logs, "checkpoint": str(latest or "")}
                 result.export_dir = self.objective.export(acc.unwrap_model(model), self.output_dir / "model", summary)
                 logger.info("exported to %s", result.export_dir)
-        acc.end_training()
+        self._end_trackers()
         return result
+
+    def _end_trackers(self) -> None:
+        """What `Accelerator.end_training` does, minus destroying the process group: the launcher owns the
+        group (`run_cli` releases it at exit), so one launch can train several runs (fine-tuning seeds)."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()

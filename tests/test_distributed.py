@@ -1,5 +1,6 @@
 """The seam on 2 real processes (torchrun, gloo on CPU): the gather with gradient, the global loss
 normalisation (2 processes at batch B = 1 process at 2B), eval independent of the process count,
+the process group left up between runs of one launch,
 and model randomness that differs per rank."""
 
 import json
@@ -45,3 +46,5 @@ def test_two_processes_train_and_evaluate_like_one_at_the_same_global_batch(tmp_
     assert reports[0]["loss"] == pytest.approx(single["loss"], rel=1e-6)
     assert single["loss"] < 0.5 * single["first_loss"]  # the weights moved: the comparison is not vacuous
     assert reports[0]["draw"] != reports[1]["draw"]  # dropout masks differ per rank
+    # One launch, several runs: the trainer leaves the launcher's process group up.
+    assert all(r["group_alive_after_run"] and r["second_run_steps"] == 2 for r in reports), reports

@@ -64,10 +64,16 @@ def train(out: Path, batch: int) -> None:
         setattr(config.train, key, value)
     objective = Recording(config)
     result = Trainer(objective).fit()
+    # The launcher owns the process group: a finished run leaves it up, so one launch trains a second run.
+    alive_after_run = torch.distributed.is_initialized()
+    config.train.output_dir, config.train.max_steps = str(out / "second"), 2
+    second = Trainer(Recording(config)).fit()
     rank = int(os.environ.get("RANK", "0"))
     (out / f"train-{rank}.json").write_text(json.dumps({"eval_loss": result.eval["eval_loss"], "draw": objective.draw,
                                                          "loss": result.final_loss,
-                                                         "first_loss": result.history[0]["loss"]}))
+                                                         "first_loss": result.history[0]["loss"],
+                                                         "group_alive_after_run": alive_after_run,
+                                                         "second_run_steps": second.step}))
 
 
 if __name__ == "__main__":
