@@ -15,6 +15,7 @@ with status 2; `--debug` shows the traceback.
 from __future__ import annotations
 
 from sslcore import config as cfg
+from sslcore.api import split_cli
 from sslcore.errors import DEBUG_HELP, run_cli
 from textssl.finetune import build_finetune_config, finetune
 from textssl.tasks import describe_tasks
@@ -22,26 +23,8 @@ from textssl.tasks import describe_tasks
 USAGE = f"usage: recipes/finetune.py --config FILE [--section.key VALUE ...] [--debug] [--help]\n\n{DEBUG_HELP}."
 
 
-def split_argv(argv: list[str]) -> tuple[str | None, list[str], bool]:
-    """(--config path, the remaining `--a.b value` overrides, whether --help was asked)."""
-    path, rest, show_help, i = None, [], False, 0
-    while i < len(argv):
-        name, eq, value = argv[i].partition("=")
-        if argv[i] in ("-h", "--help"):
-            show_help = True
-        elif name == "--config":
-            if not eq and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):
-                raise cfg.ConfigError("--config needs a YAML path, e.g. recipes/configs/finetune_movie_sentiment.yaml")
-            path = value if eq else argv[i + 1]
-            i += 0 if eq else 1
-        else:
-            rest.append(argv[i])
-        i += 1
-    return path, rest, show_help
-
-
 def _main(argv: list[str]):
-    path, overrides, show_help = split_argv(argv)
+    path, overrides, show_help = split_cli(argv)
     config = build_finetune_config(path, overrides)
     if show_help:
         print(USAGE, "\n\noptions, with the values this run would use (defaults, then the YAML, then your overrides;"

@@ -62,7 +62,7 @@ def pretrain(config: RunConfig | str | Path, overrides: list[str] | dict[str, An
     return result
 
 
-def _split_cli(argv: list[str]) -> tuple[str | None, list[str], bool]:
+def split_cli(argv: list[str]) -> tuple[str | None, list[str], bool]:
     """Pull --config/--resume/--push_to_hub/--help out of argv; the rest are key overrides."""
     path, overrides, show_help, i = None, [], False, 0
     while i < len(argv):
@@ -106,7 +106,7 @@ def describe_run(path: str | None, overrides: list[str], usage: str = USAGE) -> 
 
 
 def _main(argv: list[str]) -> TrainResult | None:
-    path, overrides, show_help = _split_cli(argv)
+    path, overrides, show_help = split_cli(argv)
     if show_help:
         print(describe_run(path, overrides))
         return None

@@ -9,7 +9,8 @@ budget, same seeds; one from the checkpoint, one from fresh weights) and hands t
     rows = [Comparison("movie-sentiment", "probe", pretrained_result, scratch_result)]
     print(write_report(rows, "runs/x/RESULTS.md", command="...", checkpoint_note="..."))
 
-What a row claims: delta = mean(pretrained) - mean(scratch); sigma = sqrt(std_p^2 + std_s^2), the
+What a row claims: delta = mean(pretrained) - mean(scratch) (for an error rate, an arm whose result says
+`lower_is_better`, a negative delta is the improvement); sigma = sqrt(std_p^2 + std_s^2), the
 spread of a difference of two single-seed runs; and Welch's t-test (unequal variances) on the
 per-seed scores, its two-sided p-value beside them. "helps" (or "hurts") needs all of: at least
 `MIN_SEEDS` seeds in each arm, some spread over seeds (with none, the seeds vary nothing and there
@@ -94,6 +95,11 @@ class Comparison:
         return self.pretrained.main_metric
 
     @property
+    def lower_is_better(self) -> bool:
+        """The metric is an error rate (CER, WER): pretraining helps when it lowers it."""
+        return bool(getattr(self.pretrained, "lower_is_better", False))
+
+    @property
     def pretrained_scores(self) -> list[float]:
         return arm_scores(self.pretrained, self.metric)
 
@@ -133,7 +139,7 @@ class Comparison:
             return "no claim: no spread over seeds (the seeds vary nothing)"
         p = self.p_value
         if p is not None and p < ALPHA and abs(self.delta) > 2 * self.sigma:
-            return "helps" if self.delta > 0 else "hurts"
+            return "helps" if (self.delta > 0) != self.lower_is_better else "hurts"
         return "no clear difference"
 
     @property
@@ -143,7 +149,7 @@ class Comparison:
     def to_dict(self) -> dict[str, Any]:
         test = self.welch
         return {"task": self.task, "protocol": self.protocol, "metric": self.metric, "delta": self.delta,
-                "sigma": self.sigma, "delta_over_sigma": self.ratio,
+                "lower_is_better": self.lower_is_better, "sigma": self.sigma, "delta_over_sigma": self.ratio,
                 "welch_t": None if test is None else test.t, "welch_df": None if test is None else test.df,
                 "p_value": None if test is None else test.p_value, "verdict": self.verdict, "helps": self.helps,
                 "pretrained": _arm_dict(self.pretrained), "scratch": _arm_dict(self.scratch)}
@@ -197,7 +203,8 @@ def comparison_table(rows: Sequence[Comparison], *, command: str, checkpoint_not
     for row in rows:
         verdict = f"**{row.verdict}**" if row.verdict in ("helps", "hurts") else row.verdict
         lines.append(
-            f"| {row.task} | {names.get(row.protocol, row.protocol)} | {row.metric} | "
+            f"| {row.task} | {names.get(row.protocol, row.protocol)} | {row.metric}"
+            f"{' (lower is better)' if row.lower_is_better else ''} | "
             f"{_mean_std(row.pretrained_scores)} | {_mean_std(row.scratch_scores)} | {row.delta:+.4f} | "
             f"{_ratio_text(row)} | {_p_text(row)} | {len(row.pretrained_scores)} / {len(row.scratch_scores)} | "
             f"{verdict} |" + (f" {budget_note} |" if budget_note else ""))

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from sslcore import config as cfg
-from sslcore.api import _split_cli, build_config, main
+from sslcore.api import split_cli, build_config, main
 from sslcore.run_config import TrainConfig
 from textssl.mlm import MLMConfig
 
@@ -72,11 +72,11 @@ def test_missing_config_file_says_where_presets_are(tmp_path):
 
 
 def test_cli_flags_map_onto_config_keys():
-    path, overrides, show_help = _split_cli(["--config", "x.yaml", "--resume", "--push_to_hub", "me/m",
+    path, overrides, show_help = split_cli(["--config", "x.yaml", "--resume", "--push_to_hub", "me/m",
                                              "--train.seed", "3"])
     assert path == "x.yaml" and not show_help
     assert cfg.parse_overrides(overrides) == {"train": {"resume": "latest", "seed": 3}, "hub": {"repo_id": "me/m"}}
-    _, overrides, _ = _split_cli(["--resume", "runs/x/checkpoints/step-000010"])
+    _, overrides, _ = split_cli(["--resume", "runs/x/checkpoints/step-000010"])
     assert cfg.parse_overrides(overrides) == {"train": {"resume": "runs/x/checkpoints/step-000010"}}
 
 

@@ -1,4 +1,4 @@
-"""Downstream tasks (textssl.tasks) and offline metrics (textssl.metrics)."""
+"""Downstream tasks (textssl.tasks) and offline metrics (sslcore.metrics)."""
 
 import logging
 import os
@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-from textssl import metrics
+from sslcore import metrics
 from textssl.corpus import CorpusError, fetch_package_file
 from textssl.tasks import (
     _TASKS,
@@ -316,7 +316,7 @@ def test_local_evaluate_modules_work_offline(caplog):
     spearman = metrics.load_metric("spearmanr").compute(predictions=[0.1, 0.4, 0.3], references=[1.0, 3.0, 2.0])
     assert spearman["spearmanr"] == pytest.approx(1.0)
     # Asking for the Hub version offline falls back to the local module, with a warning.
-    with caplog.at_level(logging.WARNING, logger="textssl.metrics"):
+    with caplog.at_level(logging.WARNING, logger="sslcore.metrics"):
         fallback = metrics.load_metric("matthews_correlation", hub=True)
     assert "using the local module" in caplog.text
     assert fallback.compute(predictions=[0, 1], references=[0, 1])["matthews_correlation"] == pytest.approx(1.0)

@@ -30,9 +30,8 @@ import logging
 import math
 import re
 import shutil
-import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,7 +40,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import PartialState
 from accelerate.utils import set_seed
-from huggingface_hub import EvalResult, ModelCard
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
@@ -57,12 +55,14 @@ from transformers import (
 
 from sslcore import config as cfg
 from sslcore.errors import MissingPathError
+from sslcore.finetune import EarlyStopping, EarlyStoppingConfig, add_scores_to_model_card, eval_results_for
+from sslcore.finetune import FinetuneResult as SharedFinetuneResult
 from sslcore.hub import write_model_card
 from sslcore.objective import LossContext, Objective, Ratio
 from sslcore.registry import register_objective
 from sslcore.run_config import RunConfig, TrainConfig
 from sslcore.trainer import Trainer, _multi_process_without_gpu
-from textssl.metrics import compute_metrics
+from sslcore.metrics import compute_metrics
 from textssl.tasks import Task, TaskConfig, load_task
 
 logger = logging.getLogger(__name__)
@@ -91,18 +91,6 @@ class FinetuneModelConfig:
     """Dropout before the classification head; None = the model config's."""
     trust_remote_code: bool = False
     """Allow model code from the Hub repo to run. Off: only architectures transformers ships load."""
-
-
-@dataclass
-class EarlyStoppingConfig:
-    """Model selection during full fine-tuning (evaluations happen every `train.eval_every` steps)."""
-
-    metric: str | None = None
-    """Validation metric to select on (higher is better); None = the task's main metric."""
-    patience: int = 5
-    """Stop after this many evaluations without improvement; 0 = never stop early (still keep the best)."""
-    min_delta: float = 0.0
-    """An improvement smaller than this does not reset the patience."""
 
 
 @dataclass
@@ -330,58 +318,6 @@ def predict(model: nn.Module, dataset, collator, batch_size: int, accelerator=No
 # --------------------------------------------------------------------------------------------------
 
 
-class EarlyStopping:
-    """Trainer callback: score validation, keep the best weights (on CPU), stop after `patience` misses."""
-
-    def __init__(self, objective: SequenceClassificationObjective):
-        self.objective = objective
-        self.options = objective.config.early_stopping
-        self.metric = self.options.metric or objective.task.main_metric
-        if self.metric not in objective.task.metrics:
-            raise ValueError(f"early_stopping.metric={self.metric!r} is not computed for task "
-                             f"{objective.task.name!r}; choose one of {objective.task.metrics}")
-        self.best: dict[str, float] | None = None
-        self.best_step = 0
-        self.best_state: dict[str, torch.Tensor] | None = None
-        self.misses = 0
-        self.test: dict[str, float] | None = None
-        """Test scores of the best weights, computed at the last evaluation of the run."""
-
-    def __call__(self, trainer, step: int) -> dict[str, float]:
-        objective = self.objective
-        logits, labels = predict(trainer.model, objective.encoded["validation"], objective.collator,
-                                 trainer.args.per_device_batch_size, trainer.accelerator)
-        scores = task_scores(objective.task, logits, labels)
-        value = scores[self.metric]
-        if self.best is None or value > self.best[self.metric] + self.options.min_delta:
-            self.best, self.best_step, self.misses = scores, step, 0
-            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in unwrapped.state_dict().items()}
-        else:
-            self.misses += 1
-            if self.options.patience and self.misses >= self.options.patience:
-                logger.info("early stopping at step %d: validation %s has not improved on %.4f (step %d) for %d "
-                            "evaluations", step, self.metric, self.best[self.metric], self.best_step, self.misses)
-                trainer.should_stop = True
-        if trainer.should_stop or step >= trainer.args.max_steps:
-            self.test = self._score_test(trainer)
-        return {**{f"eval_{k}": v for k, v in scores.items()}, f"eval_best_{self.metric}": self.best[self.metric]}
-
-    def _score_test(self, trainer) -> dict[str, float]:
-        """Test scores of the best weights. Runs inside the last evaluation, while the trainer's process
-        group still exists (its end of training tears it down), on a copy: the model being trained, and
-        so its final checkpoint, keep their own weights."""
-        best = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.model))
-        self.restore_best(best)
-        logits, labels = predict(best, self.objective.encoded["test"], self.objective.collator,
-                                 trainer.args.per_device_batch_size, trainer.accelerator)
-        return task_scores(self.objective.task, logits, labels)
-
-    def restore_best(self, model: nn.Module) -> None:
-        if self.best_state is not None:
-            model.load_state_dict(self.best_state)
-
-
 @register_objective
 class SequenceClassificationObjective(Objective):
     """Supervised fine-tuning of `AutoModelForSequenceClassification` on a task (not a pretext task,
@@ -401,7 +337,15 @@ class SequenceClassificationObjective(Objective):
         self.tokenizer = load_tokenizer(self.config.model)
         self.encoded = encode_task(self.task, self.tokenizer, sequence_limit(self.config.model, self.tokenizer))
         self.collator = DataCollatorWithPadding(self.tokenizer)
-        self.early_stopping = EarlyStopping(self)
+        self.early_stopping = EarlyStopping(
+            self.config.early_stopping, self.config.early_stopping.metric or self.task.main_metric, self.task.metrics,
+            self.score, task_name=self.task.name)
+
+    def score(self, model: nn.Module, split: str, accelerator=None) -> dict[str, float]:
+        """The task's metrics of `model` on one encoded split (gathered over processes)."""
+        logits, labels = predict(model, self.encoded[split], self.collator, self.config.train.per_device_batch_size,
+                                 accelerator)
+        return task_scores(self.task, logits, labels)
 
     def train_dataset(self):
         return self.encoded["train"]
@@ -426,19 +370,13 @@ class SequenceClassificationObjective(Objective):
         return total, {"accuracy": Ratio((out.logits.detach().argmax(-1) == batch["labels"]).sum(), rows)}
 
     def state_dict(self) -> dict[str, Any]:
-        """Early stopping's best scores, step, weights and patience count: a resumed run must keep the
+        """Early stopping's state (best scores, step, weights, patience count): a resumed run must keep the
         best weights it had seen and stop when the uninterrupted run would."""
-        stopping = self.early_stopping
-        if stopping is None or stopping.best is None:
-            return {}
-        return {"best": stopping.best, "best_step": stopping.best_step, "misses": stopping.misses,
-                "best_state": stopping.best_state}
+        return self.early_stopping.state_dict() if self.early_stopping is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state and self.early_stopping is not None:
-            stopping = self.early_stopping
-            stopping.best, stopping.best_step = dict(state["best"]), int(state["best_step"])
-            stopping.misses, stopping.best_state = int(state["misses"]), dict(state["best_state"])
+        if self.early_stopping is not None:
+            self.early_stopping.load_state_dict(state)
 
     def export(self, model: nn.Module, out_dir: Path, summary: dict[str, Any]) -> Path:
         """The best validation weights as a stock transformers folder, with a model card."""
@@ -585,55 +523,10 @@ def run_probe(config: FinetuneConfig, task: Task, encoded, features: dict[str, t
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class FinetuneResult:
-    """Scores of one (model, task, protocol) over seeds, and where each fine-tuned model is."""
+class FinetuneResult(SharedFinetuneResult):
+    """`sslcore.finetune.FinetuneResult` with the text protocols' names."""
 
-    task: str
-    protocol: str
-    model: str
-    init: str
-    seeds: list[int]
-    main_metric: str
-    test: dict[str, list[float]]
-    """Metric -> test score of each seed (in `seeds` order)."""
-    validation: dict[str, list[float]]
-    """Metric -> best validation score of each seed."""
-    model_dirs: list[str]
-    """Per seed: the fine-tuned transformers folder (full) or the probe head folder (probe)."""
-    steps: list[int]
-    """Optimizer steps each full fine-tuning run took (early stopping may end it before max_steps)."""
-    output_dir: str
-    dataset_id: str = ""
-    seconds: float = 0.0
-    """Wall time of the runs, summed over seeds (as measured when each ran; reused runs count too)."""
-
-    def mean(self, metric: str | None = None) -> float:
-        return statistics.fmean(self.test[metric or self.main_metric])
-
-    def std(self, metric: str | None = None) -> float:
-        """Sample standard deviation over seeds (0 for a single seed)."""
-        values = self.test[metric or self.main_metric]
-        return statistics.stdev(values) if len(values) > 1 else 0.0
-
-    @property
-    def scores(self) -> dict[str, float]:
-        """Metric -> mean test score over seeds."""
-        return {metric: self.mean(metric) for metric in self.test}
-
-    @property
-    def best_model_dir(self) -> str:
-        """The run with the best validation score on the main metric."""
-        values = self.validation[self.main_metric]
-        return self.model_dirs[max(range(len(values)), key=values.__getitem__)]
-
-    def summary(self) -> str:
-        shown = ", ".join(f"{m} {self.mean(m):.4f} ± {self.std(m):.4f}" for m in self.test)
-        return (f"{self.task} | {PROTOCOL_NAMES[self.protocol]} | {self.init} {self.model} | test {shown} "
-                f"over {len(self.seeds)} seed(s)")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "mean": self.scores, "std": {m: self.std(m) for m in self.test}}
+    PROTOCOL_NAMES = PROTOCOL_NAMES
 
 
 def _run_dir(config: FinetuneConfig, seed: int) -> Path:
@@ -702,14 +595,6 @@ def finetune(model: str | None = None, task: str | TaskConfig | None = None, pro
     # The same process group the trainer sets up (gloo under torchrun on a machine with no GPU); a
     # plain PartialState() here would pin every process to single-process mode for the whole run.
     state = PartialState(cpu=_multi_process_without_gpu())
-    if state.num_processes > 1 and config.protocol == "full":
-        unfinished = [seed for seed in config.seeds if _finished(config, seed) is None]
-        if len(unfinished) > 1:
-            raise ValueError(
-                f"{state.num_processes} processes and {len(unfinished)} seeds to train: the trainer ends each run by "
-                "tearing down the process group, so a multi-process launch trains one seed. Launch once per seed "
-                f"(--seeds [{unfinished[0]}], then [{unfinished[1]}], ...), then once with all of them: finished "
-                "seeds are read back, not retrained")
     task_data = load_task(config.task)
     runs, feature_cache = [], {}
     for seed in config.seeds:
@@ -747,9 +632,8 @@ def _finetune_one(config: FinetuneConfig, task: Task, seed: int, run_dir: Path, 
     run: dict[str, Any] = {}
     if config.protocol == "full":
         run = _run_full(config, seed, run_dir)  # every process holds the (gathered) scores
-    elif state.is_main_process or not _process_group_alive():
-        # The probe is cheap and deterministic: one process runs it while the others wait (each runs it
-        # when an earlier trainer run in this process has torn the process group down).
+    elif state.is_main_process:
+        # The probe is cheap and deterministic: one process runs it while the others wait.
         if "encoded" not in feature_cache:
             tokenizer = load_tokenizer(config.model)
             feature_cache.update(tokenizer=tokenizer,
@@ -765,14 +649,8 @@ def _finetune_one(config: FinetuneConfig, task: Task, seed: int, run_dir: Path, 
         run["config"] = _fingerprint(config, seed)
         run_dir.mkdir(parents=True, exist_ok=True)
         scores_path.write_text(json.dumps(run, indent=1))
-    if _process_group_alive():
-        state.wait_for_everyone()
+    state.wait_for_everyone()  # the trainer leaves the launcher's process group up: every seed can sync
     return run if run else json.loads(scores_path.read_text())
-
-
-def _process_group_alive() -> bool:
-    """Whether processes can still synchronise: the trainer destroys the group when a run ends."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _fingerprint(config: FinetuneConfig, seed: int) -> dict[str, Any]:
@@ -798,56 +676,6 @@ def _finished(config: FinetuneConfig, seed: int) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------------------------------
 # Model cards
 # --------------------------------------------------------------------------------------------------
-
-_RESULTS_SECTION = re.compile(r"\n## Downstream results\n.*?(?=\n## |\Z)", re.DOTALL)
-
-
-def eval_results_for(result: FinetuneResult) -> list[dict[str, Any]]:
-    """model-index entries (huggingface_hub `EvalResult` fields) for a result's mean test scores.
-
-    The protocol goes in the metric's name and `args`: model-index groups results by task and dataset,
-    so it cannot live in the task name.
-    """
-    return [{"task_type": "text-classification", "task_name": result.task, "dataset_type": result.dataset_id or result.task,
-             "dataset_name": result.task, "dataset_split": "test", "metric_type": metric,
-             "metric_value": round(result.mean(metric), 6),
-             "metric_name": f"{metric}, {PROTOCOL_NAMES[result.protocol]} (mean ± {result.std(metric):.4f} over "
-                            f"{len(result.seeds)} seeds)",
-             "metric_args": {"protocol": result.protocol, "init": result.init, "seeds": len(result.seeds),
-                             "std": round(result.std(metric), 6)}}
-            for metric in result.test]
-
-
-def _card_key(entry: EvalResult) -> tuple:
-    return entry.dataset_name, entry.metric_type, (entry.metric_args or {}).get("protocol")
-
-
-def add_scores_to_model_card(model_dir: str | Path, results: FinetuneResult | list[FinetuneResult]) -> Path:
-    """Add downstream test scores to the README.md model card in `model_dir`: model-index metadata (so the
-    Hub shows them) and a "Downstream results" table. Results for the same task, protocol and metric replace
-    older ones; others are kept."""
-    path = Path(model_dir) / "README.md"
-    if not path.is_file():
-        raise MissingPathError(f"{path} does not exist; add scores to an exported model folder (output_dir/model)")
-    results = results if isinstance(results, list) else [results]
-    card = ModelCard.load(path)
-    new = [EvalResult(**entry) for result in results for entry in eval_results_for(result)]
-    replaced = {_card_key(entry) for entry in new}
-    card.data.eval_results = [e for e in card.data.eval_results or [] if _card_key(e) not in replaced] + new
-    if not card.data.model_name:
-        card.data.model_name = Path(model_dir).resolve().name
-    rows = "\n".join(f"| {e.dataset_name} | {(e.metric_args or {}).get('protocol', '')} | {e.metric_type} | "
-                     f"{e.metric_value:.4f} | {(e.metric_args or {}).get('std', '')} | {(e.metric_args or {}).get('seeds', '')} |"
-                     for e in card.data.eval_results)
-    section = ("\n## Downstream results\n\nTest split, mean and standard deviation over seeds (`textssl.finetune`; "
-               "full = all weights fine-tuned, probe = frozen encoder + logistic regression).\n\n"
-               f"| task | protocol | metric | mean | std | seeds |\n|---|---|---|---|---|---|\n{rows}\n")
-    text = card.text
-    card.text = (_RESULTS_SECTION.sub(lambda _: section, text, count=1) if _RESULTS_SECTION.search(text)
-                 else text.rstrip("\n") + "\n" + section)
-    card.save(path)
-    return path
-
 
 __all__ = ["EarlyStopping", "FinetuneConfig", "FinetuneModelConfig", "FinetuneResult", "ProbeConfig",
            "SequenceClassificationObjective", "add_scores_to_model_card", "build_classifier", "build_encoder",

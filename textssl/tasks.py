@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import csv
 import difflib
-import hashlib
 import io
 import json
 import logging
@@ -39,7 +38,7 @@ import math
 import os
 import shutil
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -48,7 +47,8 @@ import datasets
 
 from sslcore.errors import UserError
 from textssl.corpus import fetch_package_file
-from textssl.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
+from sslcore.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
+from sslcore.splits import split_digest, stratified_split
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class Task:
     label_names: list[str] | None
     """Class names in label-id order (None for regression)."""
     metrics: list[str]
-    """Metrics reported on validation and test (names of `textssl.metrics` functions)."""
+    """Metrics reported on validation and test (names of `sslcore.metrics` functions)."""
     main_metric: str
     """The metric models are selected and compared on."""
     description: str
@@ -181,38 +181,6 @@ def describe_tasks() -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------
 # Splitting
 # --------------------------------------------------------------------------------------------------
-
-
-def _rank(seed: int, key: str) -> str:
-    return hashlib.sha256(f"{seed}\x00{key}".encode()).hexdigest()
-
-
-def stratified_split(keys: Sequence[str], strata: Sequence[Any], fractions: dict[str, float],
-                     seed: int) -> dict[str, list[int]]:
-    """Indices per split: in each stratum, the examples whose hash of (seed, key) ranks lowest go to the
-    splits of `fractions` in order (round(fraction x stratum size) each); the rest to `train`.
-
-    The result depends only on the keys, strata and seed -- not on row order or a library's RNG -- so a
-    split is reproducible anywhere, and adding examples does not move the others.
-    """
-    by_stratum: dict[Any, list[int]] = defaultdict(list)
-    for index, stratum in enumerate(strata):
-        by_stratum[stratum].append(index)
-    out: dict[str, list[int]] = {name: [] for name in ("train", *fractions)}
-    for members in by_stratum.values():
-        members.sort(key=lambda i: (_rank(seed, keys[i]), i))
-        start = 0
-        for name, fraction in fractions.items():
-            count = min(math.floor(fraction * len(members) + 0.5), len(members) - start - 1)
-            out[name].extend(members[start:start + max(count, 0)])
-            start += max(count, 0)
-        out["train"].extend(members[start:])
-    return {name: sorted(indices) for name, indices in out.items()}
-
-
-def split_digest(dataset: datasets.Dataset, column: str = "id") -> str:
-    """Short hash of a split's example ids (order-free): equal digests = the same split."""
-    return hashlib.sha256("\n".join(sorted(map(str, dataset[column]))).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """`evaluate` module: spearmanr computed offline (same arguments and outputs as the Hub's `spearmanr`).
 
-    evaluate.load(textssl.metrics.local_module_path("spearmanr"))
+    evaluate.load(sslcore.metrics.local_module_path("spearmanr"))
 """
 
 import evaluate
 
-from textssl.metrics import module_info, spearmanr
+from sslcore.metrics import module_info, spearmanr
 
 
 class Spearmanr(evaluate.Metric):

@@ -1,11 +1,11 @@
 """`evaluate` module: pearsonr computed offline (same arguments and outputs as the Hub's `pearsonr`).
 
-    evaluate.load(textssl.metrics.local_module_path("pearsonr"))
+    evaluate.load(sslcore.metrics.local_module_path("pearsonr"))
 """
 
 import evaluate
 
-from textssl.metrics import module_info, pearsonr
+from sslcore.metrics import module_info, pearsonr
 
 
 class Pearsonr(evaluate.Metric):

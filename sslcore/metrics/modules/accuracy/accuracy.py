@@ -1,11 +1,11 @@
 """`evaluate` module: accuracy computed offline (same arguments and outputs as the Hub's `accuracy`).
 
-    evaluate.load(textssl.metrics.local_module_path("accuracy"))
+    evaluate.load(sslcore.metrics.local_module_path("accuracy"))
 """
 
 import evaluate
 
-from textssl.metrics import accuracy, module_info
+from sslcore.metrics import accuracy, module_info
 
 
 class Accuracy(evaluate.Metric):

@@ -1,11 +1,11 @@
 """`evaluate` module: matthews_correlation computed offline (same arguments and outputs as the Hub's `matthews_correlation`).
 
-    evaluate.load(textssl.metrics.local_module_path("matthews_correlation"))
+    evaluate.load(sslcore.metrics.local_module_path("matthews_correlation"))
 """
 
 import evaluate
 
-from textssl.metrics import matthews_correlation, module_info
+from sslcore.metrics import matthews_correlation, module_info
 
 
 class MatthewsCorrelation(evaluate.Metric):

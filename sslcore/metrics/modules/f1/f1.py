@@ -1,11 +1,11 @@
 """`evaluate` module: f1 computed offline (same arguments and outputs as the Hub's `f1`).
 
-    evaluate.load(textssl.metrics.local_module_path("f1"))
+    evaluate.load(sslcore.metrics.local_module_path("f1"))
 """
 
 import evaluate
 
-from textssl.metrics import f1, module_info
+from sslcore.metrics import f1, module_info
 
 
 class F1(evaluate.Metric):

@@ -185,9 +185,9 @@ def module_info(name: str):
 
     value = datasets.Value("float64" if name in REGRESSION_METRICS else "int64")
     return evaluate.MetricInfo(
-        description=_DESCRIPTIONS[name] + " Computed offline by selfsup (textssl.metrics).",
+        description=_DESCRIPTIONS[name] + " Computed offline by selfsup (sslcore.metrics).",
         citation="",
         inputs_description=f"predictions, references: 1-d sequences of equal length; keyword arguments as "
-                           f"textssl.metrics.{name}.",
+                           f"sslcore.metrics.{name}.",
         features=datasets.Features({"predictions": value, "references": value}),
     )
