@@ -11,7 +11,8 @@ alike; the ratio is the median over repeats of torch / gensim within each repeat
 To show what limits the torch backend, the script also times its batch building alone (`collate`:
 subsampling, windows, negatives) and one training step split into forward, backward and the
 sparse SGD update -- for the fused step (`NegativeSamplingStep`) and, interleaved on the same
-batches, for the autograd formulation it replaced (`autograd_loss`, the before/after profile).
+batches, for the autograd formulation it replaced (`autograd_loss`) and, with `--baseline REV`, for the
+step as textssl/word2vec.py had it at git revision REV (the before/after profile).
 
 Runs unchanged on a GPU machine: Accelerate puts the model on the GPU, collate stays on CPU
 DataLoader workers.
@@ -20,6 +21,7 @@ DataLoader workers.
     python benchmarks/word2vec_speed.py --sources mixed --epochs 1 --repeats 5 --modes skipgram
     python benchmarks/word2vec_speed.py --batch 64 --workers 8   # a GPU: bigger steps, more collate workers
     python benchmarks/word2vec_speed.py --modes cbow --sharing-strategy file_system   # how workers hand batches over
+    python benchmarks/word2vec_speed.py --baseline 44d11b4   # also profile the step as it was at that commit
 """
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
+import types
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -36,6 +42,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from sslcore.config import ConfigError  # noqa: E402
 from textssl.word2vec import Word2VecObjective, cpu_cores, train_word2vec  # noqa: E402
 
 
@@ -95,10 +102,28 @@ def autograd_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return loss
 
 
-def profile_torch_step(config_path: str, overrides: dict, steps: int = 20) -> dict:
+def model_class_at(revision: str) -> type:
+    """`Word2VecModel` as textssl/word2vec.py had it at git `revision` (its step included), to time an
+    earlier step on today's batches; the batch layout must be the same."""
+    shown = subprocess.run(["git", "show", f"{revision}:textssl/word2vec.py"], capture_output=True, text=True,
+                           cwd=Path(__file__).resolve().parents[1])
+    if shown.returncode != 0:
+        raise ConfigError(f"--baseline {revision}: git cannot show textssl/word2vec.py at that revision "
+                          f"({shown.stderr.strip()}); pass a commit of this repository, e.g. 44d11b4")
+    source = shown.stdout
+    module = types.ModuleType(f"word2vec_at_{revision}")
+    sys.modules[module.__name__] = module  # dataclasses look their module up there
+    # Not registered: the objective name belongs to today's module.
+    source = source.replace("register_objective(Word2VecObjective)", "None")
+    exec(compile(source, f"{revision}:textssl/word2vec.py", "exec"), module.__dict__)
+    return module.Word2VecModel
+
+
+def profile_torch_step(config_path: str, overrides: dict, steps: int = 20, baseline: str | None = None) -> dict:
     """Seconds per batch of collate alone, and of forward / backward / SGD update for the fused step
-    (`NegativeSamplingStep`) and for the autograd formulation it replaced, interleaved on the same
-    batches. Medians, and the fastest whole step (on a shared machine the least disturbed figure)."""
+    (`NegativeSamplingStep`), for the autograd formulation it replaced and (`baseline`, a git revision)
+    for the step as it was then, interleaved on the same batches. On CPU the clock is the thread's CPU
+    time (other processes' load does not count; one torch thread). Medians, and the fastest whole step."""
     from sslcore import config as cfg
     from sslcore.objective import LossContext
     from textssl.word2vec import Word2VecConfig
@@ -107,11 +132,16 @@ def profile_torch_step(config_path: str, overrides: dict, steps: int = 20) -> di
     objective = Word2VecObjective(config)
     objective.prepare()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    clock = time.perf_counter if device.type == "cuda" else time.thread_time
     models = {"fused": objective.build_model().to(device), "autograd": objective.build_model().to(device)}
+    if baseline:
+        models[baseline] = objective.build_model().to(device)
+        models[baseline].__class__ = model_class_at(baseline)  # same parameters and buffers, its own forward
+        models[baseline].load_state_dict(models["fused"].state_dict())
     models["autograd"].load_state_dict(models["fused"].state_dict())
     optimizers = {name: objective.build_optimizer(model, config.train) for name, model in models.items()}
-    losses = {"fused": lambda model, batch: objective.loss(model, batch, LossContext({}, 1))[0],
-              "autograd": lambda model, batch: autograd_loss(model, objective.unpack(batch))}
+    losses = {name: lambda model, batch: objective.loss(model, batch, LossContext({}, 1))[0] for name in models}
+    losses["autograd"] = lambda model, batch: autograd_loss(model, objective.unpack(batch))
     dataset, size = objective.train_dataset(), config.train.per_device_batch_size
     collate: list[float] = []
     timings = {name: {"forward": [], "backward": [], "update": []} for name in models}
@@ -122,26 +152,28 @@ def profile_torch_step(config_path: str, overrides: dict, steps: int = 20) -> di
 
     for step in range(steps + 1):
         rows = dataset.__getitems__(list(range(step * size, (step + 1) * size)))
-        started = time.perf_counter()
+        started = clock()
         batch = objective.collate(rows, [step * size + i for i in range(size)])
         if step:  # the first step warms up allocators and kernels
-            collate.append(time.perf_counter() - started)
+            collate.append(clock() - started)
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        for name, model in models.items():
+        names = list(models)  # each step starts with another one: the first after collate meets colder caches
+        for name in names[step % len(names):] + names[:step % len(names)]:
+            model = models[name]
             sync()
-            started = time.perf_counter()
+            started = clock()
             loss = losses[name](model, batch)
             sync()
-            forward = time.perf_counter()
+            forward = clock()
             loss.backward()
             sync()
-            backward = time.perf_counter()
+            backward = clock()
             optimizers[name].step()
             optimizers[name].zero_grad(set_to_none=True)
             sync()
             if step:
                 for key, seconds in (("forward", forward - started), ("backward", backward - forward),
-                                     ("update", time.perf_counter() - backward)):
+                                     ("update", clock() - backward)):
                     timings[name][key].append(seconds)
     report = {"words_per_batch": int(batch["words"]), "steps": steps, "collate": statistics.median(collate)}
     for name, parts in timings.items():
@@ -168,6 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="skip-gram negatives per (context, centre) pair, as word2vec.c (default: per window)")
     parser.add_argument("--sharing-strategy", default=None, choices=sorted(torch.multiprocessing.get_all_sharing_strategies()),
                         help="how DataLoader workers hand tensors over (default: torch's, file_descriptor on Linux)")
+    parser.add_argument("--baseline", default=None, metavar="GIT_REV",
+                        help="also profile the step as textssl/word2vec.py had it at this git revision")
     parser.add_argument("--output", default="runs/word2vec_speed")
     args = parser.parse_args(argv)
     if args.sharing_strategy:
@@ -202,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
                       + (f" (training loop {speeds['torch'][-1]:,.0f} words/s)" if backend == "torch" else ""), flush=True)
         ratios = [t / g for t, g in zip(speeds["torch"], speeds["gensim"])]
         fit_ratios = [t / g for t, g in zip(speeds["torch_fit"], speeds["gensim"])]
-        profile = profile_torch_step(args.config, _overrides(args, "torch", mode, 0))
+        profile = profile_torch_step(args.config, _overrides(args, "torch", mode, 0), baseline=args.baseline)
         step = sum(profile["fused"][key] for key in ("forward", "backward", "update"))
         report["modes"][mode] = {
             "gensim_words_per_s": statistics.median(speeds["gensim"]),
@@ -227,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\n{mode} torch step of {p['words_per_batch']:,} words, medians of {p['steps']} (collate alone "
               f"{p['collate'] * 1e3:.1f} ms):\n| step | forward ms | backward ms | SGD update ms | total ms | fastest ms |"
               "\n|---|---|---|---|---|---|")
-        for name in ("autograd", "fused"):
+        for name in ("autograd", *([args.baseline] if args.baseline else []), "fused"):
             q = p[name]
             total = q["forward"] + q["backward"] + q["update"]
             print(f"| {name} | {q['forward'] * 1e3:.1f} | {q['backward'] * 1e3:.1f} | {q['update'] * 1e3:.1f} | "

@@ -16,16 +16,15 @@ from sslcore.config import ConfigError
 from sslcore.data import generator_for
 from textssl.corpus import CorpusError
 from textssl.word2vec import (
-    NOISE_DOMAIN,
     Vocabulary,
     Word2VecConfig,
     Word2VecDataError,
     Word2VecModel,
+    NoiseSampler,
     Word2VecObjective,
     context_slots,
     export_vectors,
     load_vectors,
-    noise_table,
     train_word2vec,
 )
 from textssl.word_eval import WordEvalConfig, averaged_vector_probe
@@ -151,13 +150,17 @@ def test_windows_stop_at_sentence_ends_and_only_there():
 
 
 def test_noise_follows_unigram_to_the_three_quarters():
-    counts = np.array([5000, 1200, 300, 80, 20, 5], dtype=np.int64)
+    counts = np.array([5000, 1200, 300, 80, 20, 5, 5, 1], dtype=np.int64)
     vocabulary = Vocabulary([f"w{i}" for i in range(len(counts))], counts)
     probabilities = vocabulary.noise_distribution(0.75)
     np.testing.assert_allclose(probabilities, counts**0.75 / (counts**0.75).sum())
-    table = noise_table(probabilities)
-    draws = torch.searchsorted(table, torch.randint(0, NOISE_DOMAIN, (200_000,), generator=generator_for(1)),
-                               right=True)
+    sampler = NoiseSampler.from_probabilities(probabilities)
+    # The alias table holds each word's probability exactly: column mass kept + mass lent to it, over n columns.
+    held = sampler.accept.numpy().copy()
+    np.add.at(held, sampler.alias.numpy(), 1.0 - sampler.accept.numpy())
+    np.testing.assert_allclose(held / len(counts), probabilities, rtol=1e-9, atol=1e-15)
+    draws = sampler.draw(200_000, generator_for(1))
+    assert torch.equal(draws, sampler.draw(200_000, generator_for(1)))  # the seed fixes them
     observed = torch.bincount(draws, minlength=len(counts)).double().numpy() / len(draws)
     std = np.sqrt(probabilities * (1 - probabilities) / len(draws))
     assert np.all(np.abs(observed - probabilities) < 5 * std)
@@ -263,6 +266,10 @@ def test_fused_step_matches_the_autograd_update(prepared, mode, shared, implicit
         losses.append(loss(model))
         (2.0 * losses[-1]).backward()  # the scale a 2-process LossContext.sum puts on the loss
         assert model.input_vectors.weight.grad.is_sparse == (sparse and model is fused)
+        if sparse and model is fused:  # each word's row arrives summed, once: sorted distinct ids
+            for grad in (model.input_vectors.weight.grad, model.output_vectors.weight.grad):
+                ids = grad._indices()[0]
+                assert torch.equal(ids, ids.unique())
         optimizer.step()
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=0)
     for ours, theirs, before in zip((fused.input_vectors, fused.output_vectors),
