@@ -353,6 +353,7 @@ class Trainer:
             acc.init_trackers(self.objective.name, config=_flat(redact(to_dict(self.objective.config))))
 
         hooks = self.objective.step_hooks()
+        unwrapped = acc.unwrap_model(model)  # once: unwrapping every step cost ~0.7 ms (word2vec steps take ~10)
         global_batch = args.per_device_batch_size * acc.num_processes * args.gradient_accumulation_steps
         logger.info("training %s: %d steps, global batch %d (%d process(es) x %d x %d accumulation), %.2fM params",
                     self.objective.name, args.max_steps, global_batch, acc.num_processes,
@@ -384,7 +385,6 @@ class Trainer:
 
                 step += 1
                 scheduler.step()
-                unwrapped = acc.unwrap_model(model)
                 for hook in hooks:
                     hook(unwrapped, step)
                 bar.update(1)
