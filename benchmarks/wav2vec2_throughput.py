@@ -163,6 +163,8 @@ def run_reference(config: Wav2Vec2PretrainConfig, seed: int, clock: StepClock, a
     from accelerate import Accelerator
 
     t, loss_cfg = config.train, config.loss
+    if t.num_threads:  # the thread count our side gets from the trainer (train.num_threads)
+        torch.set_num_threads(t.num_threads)
     objective = Wav2Vec2Objective(config)
     accelerator = Accelerator(mixed_precision=t.mixed_precision or "no")
     set_seed(seed)  # the example seeds before building the model: the same init as ours
@@ -301,7 +303,8 @@ def report(results: list[RunResult], args, config: Wav2Vec2PretrainConfig, argv:
         "",
         f"Command: `{shlex.join(['python', 'benchmarks/wav2vec2_throughput.py', *argv])}`",
         "",
-        f"- {datetime.date.today()}, {device_name()}; torch {torch.__version__}, transformers "
+        f"- {datetime.date.today()}, {device_name()}"
+        f"{f' (each side pinned to {t.num_threads} by train.num_threads)' if t.num_threads else ''}; torch {torch.__version__}, transformers "
         f"{transformers.__version__}, one process per side. 1-minute load average {load[0]:.1f} at the start, "
         f"{load[1]:.1f} at the end (other processes on the same cores slow both sides).",
         f"- Audio: {', '.join(config.data.sources)} ({clips} training clips), 16 kHz, at most {config.data.max_seconds} s "

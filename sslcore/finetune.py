@@ -19,7 +19,7 @@ import logging
 import re
 import statistics
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,11 +27,37 @@ import torch
 from torch import nn
 
 from sslcore.errors import MissingPathError
+from sslcore.run_config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
 Scorer = Callable[[nn.Module, str, Any], dict[str, float]]
 """`score(model, split name, accelerator or None)` -> {metric: value} on that split."""
+
+
+@dataclass
+class FinetuneTrainConfig(TrainConfig):
+    """The shared trainer's options with fine-tuning defaults (short runs, frequent validation)."""
+
+    output_dir: str = "runs/finetune"
+    """Parent folder of the runs: one `<protocol>-<init>-seed<N>/` per seed (under the task for speech), and
+    the result JSON."""
+    max_steps: int = 1000
+    """Optimizer steps per run at most (early stopping may end it sooner): the budget both arms share."""
+    learning_rate: float = 1e-4
+    """Peak learning rate of AdamW."""
+    warmup_ratio: float = 0.1
+    """Warm-up as a fraction of max_steps."""
+    eval_every: int = 100
+    """Score validation (and apply early stopping) every N steps."""
+    eval_batches: int | None = None
+    """Eval-loss batches per evaluation; None = the whole validation split."""
+    log_every: int = 50
+    """Log loss and throughput every N steps."""
+    keep_checkpoints: int = 1
+    """Checkpoints kept while a run trains (removed at the end unless `keep_checkpoints` is set above)."""
+    report_to: list[str] = field(default_factory=list)
+    """Accelerate trackers; none by default (many short runs)."""
 
 
 @dataclass

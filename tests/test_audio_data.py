@@ -4,6 +4,7 @@ left). Registry fetches only with SELFSUP_NETWORK_TESTS=1."""
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import soundfile as sf
 
 from speechssl import audio
-from speechssl.audio import AudioDataConfig, AudioDataError, is_validation_clip, load_audio
+from speechssl.audio import AudioDataConfig, AudioDataError, decode_audio_value, is_validation_clip, load_audio
 from speechssl.synthetic import babble, write_babble_folder
 
 
@@ -136,3 +137,94 @@ def test_asterisk_english_prompts_from_debian(tmp_path: Path) -> None:
     hours = sum(int(np.sum(s["num_samples"])) for s in splits.values()) / 16_000 / 3600
     # 568 WAV files; the 10 silence/*.wav and 6 beeps shorter than 0.5 s are skipped (measured: 552, 0.41 h).
     assert 540 <= clips <= 560 and 0.35 < hours < 0.45
+    rows = [row for split in splits.values() for row in split if row["prompt"] == "digits/7"]
+    assert [(r["speaker"], r["language"], r["text"]) for r in rows] == [("en_US_f_Allison", "en", "seven")]
+
+
+@pytest.mark.network
+def test_second_asterisk_voices_and_g722_from_debian(tmp_path: Path) -> None:
+    cache = os.environ.get("SELFSUP_CACHE_DIR") or str(tmp_path)
+    # Measured: 507 / 319 / 278 clips (tones, silences and one-letter GSM clips under 0.5 s skipped); the G.722
+    # variant holds the same 552 English clips as asterisk-en, at 16 kHz.
+    for source, speaker, expected in [("asterisk-it-menardi", "it_IT_f_Menardi", 507),
+                                      ("asterisk-fr-armelle", "fr_f_Armelle", 319),
+                                      ("asterisk-es-co", "es_CO_f_July", 278), ("asterisk-en-g722", "en_US_f_Allison", 552)]:
+        train = load_audio(AudioDataConfig(sources=[source], cache_dir=cache, validation_fraction=0.0))["train"]
+        assert abs(len(train) - expected) <= 5 and set(train["speaker"]) == {speaker}, source
+        assert "digits/7" in set(train["prompt"])
+
+
+def test_headerless_gsm_and_g722_files_decode_to_16k(tmp_path: Path) -> None:
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    sf.write(folder / "prompt.gsm", tone(300, 1.5, 8_000), 8_000, format="RAW", subtype="GSM610")
+    G722 = pytest.importorskip("G722")
+    pcm = (tone(440, 1.0, 16_000) * 32767).astype(np.int16)
+    (folder / "prompt.g722").write_bytes(bytes(G722.G722(16_000, 64_000).encode(pcm)))
+    rows = {r["clip_id"].split("#", 1)[1]: np.asarray(r["audio"]) for r in
+            load_audio(config(tmp_path, str(folder), validation_fraction=0.0))["train"]}
+    assert abs(len(rows["prompt.gsm"]) - 24_000) <= 400 and abs(dominant_frequency(rows["prompt.gsm"], 16_000) - 300) < 3
+    assert abs(len(rows["prompt.g722"]) - 16_000) <= 10 and abs(dominant_frequency(rows["prompt.g722"], 16_000) - 440) < 3
+
+
+def test_asterisk_clips_carry_speaker_prompt_and_transcript(tmp_path: Path, monkeypatch) -> None:
+    """The Debian layout, offline: a second voice's headerless GSM files get its speaker and the shared prompt
+    ids; a core voice gets its transcripts (tones left without text)."""
+    files = tmp_path / "pkg" / "files"
+
+    def fake_fetch(kind, package, pattern, cache_dir, timeout_s):
+        root = files / "usr/share/asterisk/sounds"
+        if package == "asterisk-prompt-fr-armelle":
+            (root / "fr/digits").mkdir(parents=True, exist_ok=True)
+            for name, freq in [("digits/7", 200), ("vm-goodbye", 300)]:
+                sf.write(root / f"fr/{name}.gsm", tone(freq, 1.0, 8_000), 8_000, format="RAW", subtype="GSM610")
+            return sorted((root / "fr").rglob("*.gsm"))
+        if package == "asterisk-core-sounds-fr-wav":
+            (root / "fr_CA_f_June/digits").mkdir(parents=True, exist_ok=True)
+            for name in ["digits/7", "beep-long"]:
+                sf.write(root / f"fr_CA_f_June/{name}.wav", tone(250, 1.0, 8_000), 8_000)
+            return sorted((root / "fr_CA_f_June").rglob("*.wav"))
+        if package == "asterisk-core-sounds-fr":
+            doc = files / "usr/share/doc/asterisk-core-sounds-fr/core-sounds-fr.txt.gz"
+            doc.parent.mkdir(parents=True, exist_ok=True)
+            doc.write_bytes(gzip.compress("\ufeff; Core sounds\ndigits/7: sept\nbeep-long: [un bip]\n".encode()))
+            return [doc]
+        raise AssertionError(package)
+
+    monkeypatch.setattr(audio, "fetch_package_files", fake_fetch)
+    rows = load_audio(config(tmp_path, "asterisk-fr-armelle", "asterisk-fr", validation_fraction=0.0))["train"]
+    got = {r["clip_id"]: (r["speaker"], r["language"], r["prompt"], r["text"]) for r in rows}
+    assert got == {
+        "asterisk-fr-armelle#digits/7.gsm": ("fr_f_Armelle", "fr", "digits/7", ""),
+        "asterisk-fr-armelle#vm-goodbye.gsm": ("fr_f_Armelle", "fr", "vm-goodbye", ""),
+        "asterisk-fr#fr_CA_f_June/beep-long.wav": ("fr_CA_f_June", "fr", "beep-long", ""),
+        "asterisk-fr#fr_CA_f_June/digits/7.wav": ("fr_CA_f_June", "fr", "digits/7", "sept"),
+    }
+
+
+def test_decode_audio_value_reads_every_form_of_an_audio_column(tmp_path: Path) -> None:
+    wave = tone(300, 1.0, 8_000)
+    sf.write(tmp_path / "a.wav", wave, 8_000)
+    forms = [{"bytes": (tmp_path / "a.wav").read_bytes(), "path": None}, {"bytes": None, "path": str(tmp_path / "a.wav")},
+             {"array": wave, "sampling_rate": 8_000}]
+    decoded = [decode_audio_value(form) for form in forms]
+    for out in decoded:
+        assert out.dtype == np.float32 and abs(len(out) - 16_000) <= 1 and abs(dominant_frequency(out, 16_000) - 300) < 2
+    assert np.array_equal(decode_audio_value(list(decoded[0])), decoded[0])
+
+
+def test_a_killed_builds_leftovers_are_removed_and_a_running_ones_kept(tmp_path: Path) -> None:
+    import subprocess
+
+    folder = tmp_path / "clips"
+    write_babble_folder(folder, 2, seed=1)
+    settings = config(tmp_path, str(folder), validation_fraction=0.0)
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    audio_dir = Path(settings.cache_dir) / "audio"
+    dead = audio_dir / f"{audio._fingerprint(settings)}.build-{finished.pid}"
+    running = audio_dir / f"{audio._fingerprint(settings)}.tmp-{os.getppid()}"
+    for leftover in (dead, running):
+        (leftover / "part").mkdir(parents=True)
+    assert len(load_audio(settings)["train"]) == 2
+    assert not dead.exists() and running.exists()

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from speechssl.wav2vec2 import (
     Wav2Vec2Objective,
     codebook_perplexity,
     contrastive_loss,
+    conv_features,
     frame_lengths,
     masked_fraction,
     sample_negatives,
@@ -56,6 +59,16 @@ def overrides(clips: str, cache: str, output_dir: Path, **train) -> dict:
                       # One thread: with two, this machine's CPU kernels differ run to run in the last bit
                       # (measured: two fresh runs 1.6e-7 apart after 4 steps), which bit-exact resume would see.
                       "num_threads": 1, **train}}
+
+
+def cli_args(settings: dict) -> list[str]:
+    """`overrides(...)` as recipe command-line flags (`--train.max_steps=20`, lists as `[a, b]`)."""
+    def text(value) -> str:
+        if isinstance(value, list):
+            return "[" + ", ".join(map(text, value)) + "]"
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    return [f"--{section}.{key}={text(value)}" for section, values in settings.items() for key, value in values.items()]
 
 
 def objective(clips: str, cache: str, tmp_path: Path, **extra) -> Wav2Vec2Objective:
@@ -154,6 +167,34 @@ def test_loss_matches_transformers_wav2vec2_for_pretraining(clips, cache_dir, tm
     assert logs["contrastive_accuracy"].denominator == float(mask.sum())
 
 
+@pytest.mark.parametrize("norm", ["layer", "group"])
+def test_conv_features_match_the_stock_feature_encoder_and_its_gradients(norm: str) -> None:
+    """Our frames-first feature encoder (unfold + matmul) is the stock one's math: outputs and parameter
+    gradients equal to float rounding, for the tiny preset's layer-norm encoder and BASE's group-norm one
+    (kernel 3, stride 2: windows that overlap unevenly)."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                            conv_dim=[16, 24, 24], conv_kernel=[10, 3, 4], conv_stride=[5, 2, 4], feat_extract_norm=norm,
+                            conv_bias=norm == "layer")
+    encoder = Wav2Vec2Model(config).feature_extractor
+    audio = torch.randn(3, 4_000)
+    weights = torch.randn(3, 99, 24)  # a loss that weighs every output differently
+
+    grads = []
+    for forward in (lambda: encoder(audio).transpose(1, 2), lambda: conv_features(encoder, audio)):
+        encoder.zero_grad()
+        out = forward()
+        (out * weights).sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in encoder.parameters()]))
+    (stock, stock_grads), (ours, our_grads) = grads
+    assert ours.shape == stock.shape == (3, 99, 24)
+    assert torch.allclose(ours, stock, atol=1e-5), (ours - stock).abs().max()
+    for a, b in zip(our_grads, stock_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max()), (a - b).abs().max()
+
+
 def test_quantizer_and_logits_stay_fp32_under_bf16_autocast(clips, cache_dir, tmp_path) -> None:
     obj = objective(clips, cache_dir, tmp_path)
     model = obj.build_model().train()
@@ -233,6 +274,39 @@ def test_resume_gives_bit_identical_weights_and_temperature(uninterrupted, clips
     assert state[0] == state[1] and state[0]["gumbel_temperature"] < 2.0
 
 
+@pytest.mark.slow
+def test_sigkill_then_resume_through_the_recipe_gives_bit_identical_weights_and_temperature(
+        uninterrupted, clips, cache_dir, tmp_path) -> None:
+    """The run is killed (no chance to save) after its step-10 checkpoint; `--resume` continues from the last
+    complete checkpoint and ends where the run that was never interrupted did: weights and objective state
+    (Gumbel temperature) bit for bit."""
+    _, full = uninterrupted
+    out = tmp_path / "killed"
+    command = [sys.executable, str(ROOT / "recipes" / "pretrain.py"), "--config", str(TINY),
+               *cli_args(overrides(clips, cache_dir, out, max_steps=20, save_every=5, export=False))]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-000010").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (out / "checkpoints" / "step-000020").exists()
+    for checkpoint in (out / "checkpoints").glob("step-*"):  # whatever the kill interrupted, no torn checkpoint
+        assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "objective.pt").is_file()
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, check=False, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    a = load_file(full / "checkpoints" / "step-000020" / "model.safetensors")
+    b = load_file(out / "checkpoints" / "step-000020" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after SIGKILL and resume"
+    state = [torch.load(d / "checkpoints" / "step-000020" / "objective.pt", weights_only=True) for d in (full, out)]
+    assert state[0] == state[1] and state[0]["gumbel_temperature"] < 2.0
+
+
 def test_export_loads_in_stock_transformers_offline(uninterrupted) -> None:
     from transformers import AutoFeatureExtractor, AutoModel, Wav2Vec2ForPreTraining
 
@@ -280,13 +354,8 @@ def test_two_processes_train_like_one_at_the_same_global_batch(clips, cache_dir,
     # accumulating 2 takes a last short window where two processes drop the incomplete round.
     pretrain(TINY, overrides(clips, cache_dir, one, max_steps=4, save_every=4, per_device_batch_size=4,
                              gradient_accumulation_steps=2, export=False))
-    args = [f"--data.sources=[{clips}]", f"--data.cache_dir={cache_dir}", "--data.validation_fraction=0.15",
-            "--data.max_seconds=1.0", "--masking.num_negatives=10", f"--train.output_dir={tmp_path / 'two'}",
-            "--train.per_device_batch_size=4", "--train.max_steps=4", "--train.save_every=4", "--train.log_every=2",
-            "--train.eval_every=0", "--train.progress_bar=false", "--train.report_to=[]", "--train.warmup_steps=0",
-            "--train.lr_schedule=constant", "--train.learning_rate=3e-3", "--train.export=false",
-            *[f"--model.{k}={'[' + ', '.join(map(str, v)) + ']' if isinstance(v, list) else v}"
-              for k, v in TEST_MODEL.items()]]
+    args = cli_args(overrides(clips, cache_dir, tmp_path / "two", max_steps=4, save_every=4, per_device_batch_size=4,
+                              export=False))
     two = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
          "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "recipes" / "pretrain.py"),

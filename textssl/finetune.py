@@ -55,12 +55,13 @@ from transformers import (
 
 from sslcore import config as cfg
 from sslcore.errors import MissingPathError
-from sslcore.finetune import EarlyStopping, EarlyStoppingConfig, add_scores_to_model_card, eval_results_for
+from sslcore.finetune import (EarlyStopping, EarlyStoppingConfig, FinetuneTrainConfig, add_scores_to_model_card,
+                              eval_results_for)
 from sslcore.finetune import FinetuneResult as SharedFinetuneResult
 from sslcore.hub import write_model_card
 from sslcore.objective import LossContext, Objective, Ratio
 from sslcore.registry import register_objective
-from sslcore.run_config import RunConfig, TrainConfig
+from sslcore.run_config import RunConfig
 from sslcore.trainer import Trainer, _multi_process_without_gpu
 from sslcore.metrics import compute_metrics
 from textssl.tasks import Task, TaskConfig, load_task
@@ -118,30 +119,6 @@ class ProbeConfig:
             raise cfg.ConfigError(f"probe.train_fraction must be in (0, 1], got {self.train_fraction}")
         if not self.l2_grid or any(l2 < 0 for l2 in self.l2_grid):
             raise cfg.ConfigError(f"probe.l2_grid must hold at least one strength >= 0, got {self.l2_grid}")
-
-
-@dataclass
-class FinetuneTrainConfig(TrainConfig):
-    """The shared trainer's options with fine-tuning defaults (short runs, frequent validation)."""
-
-    output_dir: str = "runs/finetune"
-    """Parent folder of the runs: one `<protocol>-<init>-seed<N>/` per seed, and the result JSON."""
-    max_steps: int = 1000
-    """Optimizer steps per run at most (early stopping may end it sooner): the budget both arms share."""
-    learning_rate: float = 1e-4
-    """Peak learning rate of AdamW."""
-    warmup_ratio: float = 0.1
-    """Warm-up as a fraction of max_steps."""
-    eval_every: int = 100
-    """Score validation (and apply early stopping) every N steps."""
-    eval_batches: int | None = None
-    """Eval-loss batches per evaluation; None = the whole validation split."""
-    log_every: int = 50
-    """Log loss and throughput every N steps."""
-    keep_checkpoints: int = 1
-    """Checkpoints kept while a run trains (removed at the end unless `keep_checkpoints` is set above)."""
-    report_to: list[str] = field(default_factory=list)
-    """Accelerate trackers; none by default (many short runs)."""
 
 
 @dataclass

@@ -48,6 +48,7 @@ import datasets
 from sslcore.errors import UserError
 from textssl.corpus import fetch_package_file
 from sslcore.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
+from sslcore.registry import TaskRegistry
 from sslcore.splits import split_digest, stratified_split
 
 logger = logging.getLogger(__name__)
@@ -156,26 +157,10 @@ class TaskSpec:
     """What must be reachable the first time (a package registry), or None."""
 
 
-_TASKS: dict[str, TaskSpec] = {}
-
-
-def register_task(spec: TaskSpec) -> TaskSpec:
-    """Make `spec.name` loadable by `load_task`; a taken name is an error."""
-    if spec.name in _TASKS and _TASKS[spec.name] != spec:
-        raise ValueError(f"task name {spec.name!r} is already registered")
-    _TASKS[spec.name] = spec
-    return spec
-
-
-def list_tasks() -> list[str]:
-    """Names of the built-in tasks."""
-    return sorted(_TASKS)
-
-
-def describe_tasks() -> dict[str, str]:
-    """One line per built-in task: what it is and what its first build needs."""
-    return {name: spec.description + (f" (first build needs {spec.needs})" if spec.needs else "")
-            for name, spec in sorted(_TASKS.items())}
+_TASKS: TaskRegistry[TaskSpec] = TaskRegistry("task")
+register_task = _TASKS.register
+list_tasks = _TASKS.names
+describe_tasks = _TASKS.describe
 
 
 # --------------------------------------------------------------------------------------------------
