@@ -13,6 +13,15 @@ it, and adds the pretrained model's scores to its model card.
     # pretrain first (reused when <work-dir>/pretrain/model exists for the same config)
     python benchmarks/downstream.py --pretrain recipes/configs/bert_mlm_tiny.yaml -- --train.max_steps 3000
     # anything after `--` overrides the pretraining config; `--set key=value` the fine-tuning config
+    # per-arm model selection (each arm its own learning rate, chosen on validation; test scored once with it)
+    python benchmarks/downstream.py --model runs/bert_mlm_tiny/model --learning-rates 1e-4 3e-4 1e-3
+    # label-budget curves: both protocols at 100, 300, 1000 labels and the whole training split
+    python benchmarks/downstream.py --model runs/bert_mlm_tiny/model --labels 100 300 1000 all
+
+With `--labels`, each seed trains on a stratified subset of the training split of that size, fixed per seed
+and nested (a seed's 100 are among its 300; `sslcore.splits.stratified_subset`), in both arms alike;
+validation and test stay whole. The curves (test score vs labels, pretrained vs scratch, mean ± std bands)
+go beside the table as `<results>_labels.png`.
 
 Pretrained minus scratch is reported with sigma = sqrt(std_pretrained^2 + std_scratch^2), the
 spread of a difference of two single-seed runs, and Welch's t-test p-value; "helps" needs >= 2 seeds
@@ -30,6 +39,7 @@ from pathlib import Path
 
 from sslcore import config as cfg
 from sslcore.errors import DEBUG_HELP, MissingPathError, run_cli
+from sslcore.finetune import label_budget
 from textssl.downstream import compare_with_scratch, write_report
 
 ALL_TASKS = ["movie-sentiment", "trec-coarse", "sms-spam"]
@@ -73,6 +83,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--protocols", nargs="+", default=["full", "probe"], choices=["full", "probe"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
                         help="fine-tuning seeds per arm (default 5; a claim needs >= 2)")
+    parser.add_argument("--labels", nargs="+", type=label_budget, default=[None], metavar="N|all",
+                        help="label budgets: labelled training examples per seed (stratified, fixed per seed, "
+                             "nested), e.g. --labels 100 300 1000 all; default all")
+    parser.add_argument("--learning-rates", nargs="+", type=float, metavar="LR",
+                        help="full fine-tuning's per-arm grid (grid.learning_rates): each arm keeps the rate with the "
+                             "best mean validation score; default: train.learning_rate alone")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="fine-tuning config override, e.g. --set train.max_steps=500 (repeatable)")
     parser.add_argument("--work-dir", default="runs/downstream", help="where runs and fine-tuned models go")
@@ -90,10 +106,16 @@ def _main(argv: list[str]):
     model = pretrain_if_needed(args)
     overrides = cfg.parse_overrides(["--train.progress_bar=false",
                                      *(f"--{item.partition('=')[0]}={item.partition('=')[2]}" for item in args.set)])
-    rows = compare_with_scratch(model, args.tasks, args.protocols, args.seeds, args.work_dir, overrides)
+    if args.learning_rates:
+        overrides = cfg.merge(overrides, {"grid": {"learning_rates": args.learning_rates}})
+    rows = compare_with_scratch(model, args.tasks, args.protocols, args.seeds, args.work_dir, overrides,
+                                label_budgets=list(dict.fromkeys(args.labels)))
     command = shlex.join(["python", "benchmarks/downstream.py", *argv])
     print(write_report(rows, model, args.results, command))
-    print(f"wrote {args.results} and {Path(args.results).with_suffix('.png')}; scores added to {model / 'README.md'}")
+    results = Path(args.results)
+    curves = results.with_name(results.stem + "_labels.png")
+    print(f"wrote {results} and {results.with_suffix('.png')}" + (f" and {curves}" if curves.is_file() and len(set(args.labels)) > 1 else "")
+          + f"; scores added to {model / 'README.md'}")
     return rows
 
 

@@ -14,6 +14,9 @@ shows the probe's learned layer weights.
     python benchmarks/speech_downstream.py --model runs/wav2vec2_tiny/model --tasks asterisk-speakers \
         --protocols probe --seeds 0 1 --results runs/speech_smoke/RESULTS_speech.md
     # anything after `--` goes to every fine-tuning config, e.g. -- --probe.epochs 50 --train.max_steps 300
+    # per-arm learning rates for full fine-tuning, and label-budget curves (utterances per seed; `all` = every one):
+    python benchmarks/speech_downstream.py --model runs/wav2vec2_tiny/model --learning-rates 3e-5 1e-4 3e-4 \
+        --labels 100 300 all
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import time
 from pathlib import Path
 
 from sslcore.compare import Comparison, write_report
+from sslcore.finetune import label_budget
 from speechssl.finetune import PROTOCOL_NAMES, finetune
 
 TASKS = ("speech-keywords", "asterisk-speakers", "asterisk-en-asr")
@@ -85,7 +89,7 @@ def plot_layer_weights(rows: list[Comparison], path: Path) -> bool:
                                          (0.2, "scratch", row.scratch, "#7f7f7f")):
             means = [statistics.fmean(values) for values in zip(*arm.layer_weights)]
             ax.bar([i + offset for i in range(len(means))], means, width=0.4, color=color, label=name)
-        ax.set_title(row.task, fontsize=9)
+        ax.set_title(row.task + ("" if row.label_budget is None else f", {row.label_budget} labels"), fontsize=9)
         ax.set_xlabel("hidden state (0 = CNN features)")
         ax.set_ylabel("softmax layer weight")
         ax.legend(fontsize=7)
@@ -102,6 +106,11 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
     parser.add_argument("--protocols", nargs="+", default=["probe", "full"], choices=["probe", "full"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--labels", nargs="+", type=label_budget, default=[None], metavar="N|all",
+                        help="label budgets: training utterances per seed (stratified, fixed per seed, nested), e.g. "
+                             "--labels 100 300 all; default all. Several draw the label-budget curves")
+    parser.add_argument("--learning-rates", nargs="+", type=float, metavar="LR",
+                        help="full fine-tuning's per-arm grid (grid.learning_rates), chosen on validation per arm")
     parser.add_argument("--work-dir", default="runs/speech_downstream")
     parser.add_argument("--results", default="benchmarks/RESULTS_speech.md")
     argv = sys.argv[1:]
@@ -115,16 +124,20 @@ def main() -> None:
     else:
         parser.error("give --model (a wav2vec2 folder) or --pretrain-steps N")
 
+    if args.learning_rates:
+        extra += ["--grid.learning_rates", "[" + ",".join(map(str, args.learning_rates)) + "]"]
     rows = []
     for task in args.tasks:
         for protocol in args.protocols:
-            arms = {}
-            for init in ("pretrained", "random"):
-                arms[init] = finetune(model=str(model), task=task, protocol=protocol, init=init, seeds=args.seeds,
-                                      output_dir=str(work_dir / "finetune" / task), overrides=list(extra) or None)
-                print(f"{arms[init].summary()} ({arms[init].seconds:.0f} s)"
-                      + (f"; layer weights {arms[init].layer_weights}" if protocol == "probe" else ""), flush=True)
-            rows.append(Comparison(task, protocol, arms["pretrained"], arms["random"]))
+            for budget in dict.fromkeys(args.labels):
+                arms = {}
+                for init in ("pretrained", "random"):
+                    arms[init] = finetune(model=str(model), task=task, protocol=protocol, init=init, seeds=args.seeds,
+                                          output_dir=str(work_dir / "finetune" / task),
+                                          overrides=[*extra, "--label_budget", "null" if budget is None else str(budget)])
+                    print(f"{arms[init].summary()} ({arms[init].seconds:.0f} s)"
+                          + (f"; layer weights {arms[init].layer_weights}" if protocol == "probe" else ""), flush=True)
+                rows.append(Comparison(task, protocol, arms["pretrained"], arms["random"]))
 
     note, budget = budget_note(model)
     command = "python benchmarks/speech_downstream.py " + shlex.join(sys.argv[1:])
@@ -135,7 +148,8 @@ def main() -> None:
     layers_png = results.with_name(results.stem + "_layers.png")
     if plot_layer_weights(rows, layers_png):
         weights = "\n".join(
-            f"- {row.task}: pretrained {[round(statistics.fmean(v), 3) for v in zip(*row.pretrained.layer_weights)]}, "
+            f"- {row.task}{'' if row.label_budget is None else f' ({row.label_budget} labels)'}: pretrained "
+            f"{[round(statistics.fmean(v), 3) for v in zip(*row.pretrained.layer_weights)]}, "
             f"scratch {[round(statistics.fmean(v), 3) for v in zip(*row.scratch.layer_weights)]}"
             for row in rows if row.protocol == "probe")
         text += (f"\nLearned layer weights of the weighted-layer probe (mean over seeds; hidden state 0 = the CNN "

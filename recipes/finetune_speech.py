@@ -5,6 +5,8 @@
         --protocol full --seeds [0,1,2]
     python recipes/finetune_speech.py --model.path runs/wav2vec2_tiny/model --task.name my_audiofolder \
         --task.transcript_column transcription --model.init random
+    python recipes/finetune_speech.py --model.path runs/wav2vec2_tiny/model --task.name speech-keywords \
+        --protocol full --grid.learning_rates [3e-5,1e-4,3e-4] --label_budget 200   # per-arm rate, 200 labels
     python recipes/finetune_speech.py --help   # the values it would use, and the built-in tasks
 
 protocol probe = frozen upstream, softmax-weighted sum of its layers, light head (the learned layer

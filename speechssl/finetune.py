@@ -20,7 +20,11 @@ Two protocols, each run once per seed (mean ± std reported):
   The exported folder loads in stock `pipeline("audio-classification")` /
   `pipeline("automatic-speech-recognition")` (a `Wav2Vec2Processor` with a character tokenizer).
 
-`model.init: random` builds the same architecture with fresh weights: the scratch arm.
+`model.init: random` builds the same architecture with fresh weights: the scratch arm. Per-arm model
+selection (`grid.learning_rates: [3e-5, 1e-4, 3e-4]`) and label budgets (`label_budget: 200`) work as in
+text (`sslcore.finetune.select_on_validation`, `sslcore.splits.stratified_subset`): every full fine-tuning
+setting is trained per seed, the best mean validation score (lowest CER for ASR) is kept, and only it is
+scored on test.
 """
 
 from __future__ import annotations
@@ -53,13 +57,14 @@ from transformers import (
 
 from sslcore import config as cfg
 from sslcore.errors import MissingPathError
-from sslcore.finetune import (EarlyStopping, EarlyStoppingConfig, FinetuneResult, FinetuneTrainConfig,
-                              add_scores_to_model_card)
+from sslcore.finetune import (EarlyStopping, EarlyStoppingConfig, FinetuneResult, FinetuneTrainConfig, GridConfig,
+                              add_scores_to_model_card, apply_setting, select_on_validation, setting_tag)
 from sslcore.hub import write_model_card
 from sslcore.objective import LossContext, Objective, Ratio
 from sslcore.registry import register_objective
 from sslcore.run_config import RunConfig
-from sslcore.trainer import Trainer
+from sslcore.splits import stratified_subset
+from sslcore.trainer import NonFiniteLossError, Trainer
 from speechssl.metrics import LOWER_IS_BETTER, better, compute_speech_metrics
 from speechssl.tasks import SAMPLING_RATE, SpeechTask, SpeechTaskConfig, load_speech_task
 
@@ -153,6 +158,12 @@ class SpeechFinetuneConfig(RunConfig):
     """One run per seed (new weights' init, data order; the scratch arm's whole upstream); mean ± std reported."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     """Validation-based model selection of the full protocol (the probe uses probe.patience)."""
+    grid: GridConfig = field(default_factory=GridConfig)
+    """Settings full fine-tuning tries per arm (learning rates, warm-up, steps); the best mean validation score
+    over the seeds is kept and only it is scored on test. Empty = train's values alone."""
+    label_budget: int | None = None
+    """Labelled training utterances per seed: a stratified subset (by label; by speaker for ASR) of the training
+    split, fixed per seed and nested across budgets, in both protocols. None = the whole split."""
     probe: WeightedProbeConfig = field(default_factory=WeightedProbeConfig)
     """Options of the probe protocol."""
     keep_checkpoints: bool = False
@@ -260,6 +271,28 @@ def _max_samples(task: SpeechTask, model: SpeechModelConfig) -> int | None:
 
 def _targets_of(task: SpeechTask, split: str) -> list:
     return list(task.splits[split][task.target_column])
+
+
+def training_rows(task: SpeechTask, model: SpeechModelConfig, label_budget: int | None, seed: int) -> list[int]:
+    """The training rows a seed learns from: for ASR, the utterances up to `model.max_asr_seconds` (very long ones
+    cost much and teach little at this scale; they stay in validation/test); then, with a `label_budget`, a
+    stratified subset of that many (by label, or by speaker for ASR), fixed per seed and nested across budgets."""
+    train = task.splits["train"]
+    rows = list(range(len(train)))
+    if task.problem == "asr":
+        limit = model.max_asr_seconds * SAMPLING_RATE
+        rows = [i for i, n in enumerate(len(a) for a in train["audio"]) if n <= limit]
+    if label_budget is None:
+        return rows
+    if not task.num_labels <= label_budget <= len(rows):
+        raise cfg.ConfigError(f"label_budget={label_budget} must be from {max(task.num_labels, 1)} (one per class) to "
+                              f"the {len(rows)} training utterances of {task.name!r}; or null for all of them")
+    column = "label" if task.problem == "classification" else "speaker"
+    strata = train[column] if column in train.column_names else [0] * len(train)
+    ids = train["id"]
+    chosen = stratified_subset([str(ids[i]) for i in rows], [strata[i] for i in rows], label_budget, seed,
+                               salt="label-budget")
+    return [rows[i] for i in chosen]
 
 
 def greedy_decode(logits: torch.Tensor, lengths: torch.Tensor, tokenizer: Wav2Vec2CTCTokenizer) -> list[str]:
@@ -388,10 +421,7 @@ def run_probe(config: SpeechFinetuneConfig, task: SpeechTask, features: dict[str
     tokenizer = build_ctc_tokenizer(_targets_of(task, "train"), out_dir) if asr else None
     targets = {name: ([tokenizer(t).input_ids for t in _targets_of(task, name)] if asr else _targets_of(task, name))
                for name in ("train",)}
-    train_rows = list(range(len(features["train"])))
-    if asr:  # very long utterances cost much and teach little at this scale; they stay in validation/test
-        limit = config.model.max_asr_seconds * SAMPLING_RATE
-        train_rows = [i for i in train_rows if len(task.splits["train"][i]["audio"]) <= limit]
+    train_rows = training_rows(task, config.model, config.label_budget, seed)
     num_layers, hidden_size = features["train"][0].shape[0], features["train"][0].shape[-1]
     lstm = options.lstm_size if asr and options.ctc_head == "bilstm" else 0
     probe = WeightedLayerProbe(num_layers, hidden_size, len(tokenizer) if asr else task.num_labels, lstm_size=lstm)
@@ -434,7 +464,7 @@ def run_probe(config: SpeechFinetuneConfig, task: SpeechTask, features: dict[str
         "usage": "hidden = layer_norm(stack(upstream hidden_states)); logits = head(sum_l softmax(layer_logits)_l "
                  "hidden_l) -- mean-pooled over frames for classification, per frame (CTC) for ASR"}, indent=1))
     return {"validation": best["validation"], "test": test, "model_dir": str(out_dir), "steps": best["epoch"],
-            "layer_weights": weights}
+            "layer_weights": weights, "train_rows": len(train_rows)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -465,15 +495,13 @@ class SpeechFinetuneObjective(Objective):
         if self.asr:
             vocab_dir = Path(self.config.train.output_dir) / "vocab"
             self.tokenizer = build_ctc_tokenizer(_targets_of(self.task, "train"), vocab_dir)
-        train = self.task.splits["train"]
-        if self.asr:
-            limit = self.config.model.max_asr_seconds * SAMPLING_RATE
-            keep = [i for i, n in enumerate(len(a) for a in train["audio"]) if n <= limit]
-            train = train.select(keep)
-        self.train_rows = train
+        self.train_rows = self.task.splits["train"].select(
+            training_rows(self.task, self.config.model, self.config.label_budget, self.config.train.seed))
         metric = self.config.early_stopping.metric or self.task.main_metric
+        # The test split is scored after model selection, and only for the chosen setting (`finetune`).
         self.early_stopping = EarlyStopping(self.config.early_stopping, metric, self.task.metrics, self.score,
-                                            task_name=self.task.name, lower_is_better=LOWER_IS_BETTER)
+                                            task_name=self.task.name, lower_is_better=LOWER_IS_BETTER,
+                                            score_test=False)
 
     def train_dataset(self):
         return self.train_rows
@@ -593,7 +621,10 @@ class SpeechFinetuneObjective(Objective):
         return out_dir
 
 
-def _run_full(config: SpeechFinetuneConfig, seed: int, run_dir: Path) -> dict[str, Any]:
+def _run_full(config: SpeechFinetuneConfig, seed: int, run_dir: Path) -> tuple[dict[str, Any], SpeechFinetuneObjective]:
+    """One full fine-tuning run: trained with early stopping on validation, the best weights exported; the test
+    split is not touched (only the setting chosen on validation is scored on it). Returns the run and its
+    objective (which scores the exported model later)."""
     run_config = copy.deepcopy(config)
     run_config.train.seed, run_config.train.output_dir = seed, str(run_dir)
     objective = SpeechFinetuneObjective(run_config)
@@ -604,11 +635,19 @@ def _run_full(config: SpeechFinetuneConfig, seed: int, run_dir: Path) -> dict[st
     trainer = Trainer(objective, callbacks=[validate])
     fit = trainer.fit()
     stopper = objective.early_stopping
-    assert stopper is not None and stopper.test is not None  # the trainer always evaluates at the end
+    assert stopper is not None and stopper.best is not None  # the trainer always evaluates at the end
+    stopper.best_state = None  # exported already; a grid keeps many objectives
     if not config.keep_checkpoints and trainer.accelerator.is_main_process:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    return {"validation": stopper.best or {}, "test": stopper.test, "steps": fit.step,
-            "model_dir": str(fit.export_dir or run_dir / "model")}
+    return ({"validation": stopper.best, "steps": fit.step, "model_dir": str(fit.export_dir or run_dir / "model"),
+             "train_rows": len(objective.train_rows)}, objective)
+
+
+def _score_exported(objective: SpeechFinetuneObjective, model_dir: str) -> dict[str, float]:
+    """Test scores of an exported fine-tuned model (the chosen setting's), with its run's objective."""
+    cls = Wav2Vec2ForCTC if objective.asr else Wav2Vec2ForSequenceClassification
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return objective.score(cls.from_pretrained(model_dir).to(device), "test")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -631,8 +670,10 @@ def finetune(model: str | None = None, task: str | SpeechTaskConfig | None = Non
              overrides: dict[str, Any] | list[str] | None = None) -> SpeechFinetuneResult:
     """Score `model` on the speech `task` with `protocol` once per seed; test scores as mean ± std.
 
-    Each seed's run lives in `<train.output_dir>/<protocol>-<init>-seed<N>/` with its `scores.json`.
-    The full protocol's fine-tuned models gain their scores in their model cards.
+    Each seed's run lives in `<train.output_dir>/<protocol>-<init>-seed<N>/` with its `scores.json`. With a grid
+    (`grid.learning_rates`), full fine-tuning trains every setting per seed (`...-lr1e-4-seed<N>/`), keeps the one
+    with the best mean validation score and scores only its models on test (`result.selection`). The full
+    protocol's fine-tuned models gain their scores in their model cards.
     """
     keywords: dict[str, Any] = {}
     if model is not None:
@@ -659,22 +700,58 @@ def finetune(model: str | None = None, task: str | SpeechTaskConfig | None = Non
     if metric not in task_data.metrics:
         raise ValueError(f"early_stopping.metric={metric!r} is not computed for task {task_data.name!r}; choose one "
                          f"of {task_data.metrics}")
-    runs, pretrained_features = [], None
-    for seed in config.seeds:
-        run_dir = Path(config.train.output_dir) / f"{config.protocol}-{config.model.init}-seed{seed}"
-        started = time.perf_counter()
-        if config.protocol == "full":
-            run = _run_full(config, seed, run_dir)
-        else:
+    if config.label_budget is not None:
+        training_rows(task_data, config.model, config.label_budget, config.seeds[0])  # a bad budget fails now
+    def run_dir_of(seed: int, setting: dict[str, Any] | None = None) -> Path:
+        parts = [config.protocol, config.model.init, "" if config.label_budget is None else f"labels{config.label_budget}",
+                 setting_tag(setting or {}), f"seed{seed}"]
+        return Path(config.train.output_dir) / "-".join(part for part in parts if part)
+
+    def save(run: dict[str, Any], run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "scores.json").write_text(json.dumps(run, indent=1))
+
+    every_run: list[dict[str, Any]] = []  # the grid's runs too: the arm's cost includes its search
+    selection = None
+    if config.protocol == "probe":
+        runs, pretrained_features = [], None
+        for seed in config.seeds:
+            started = time.perf_counter()
             # A pretrained upstream's hidden states do not depend on the seed: computed once.
             features = pretrained_features or probe_inputs(config, task_data, seed)
             if config.model.init == "pretrained":
                 pretrained_features = features
-            run = run_probe(config, task_data, features, seed, run_dir / "probe")
-        run["seconds"] = round(time.perf_counter() - started, 1)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "scores.json").write_text(json.dumps(run, indent=1))
-        runs.append(run)
+            run = run_probe(config, task_data, features, seed, run_dir_of(seed) / "probe")
+            run["seconds"] = round(time.perf_counter() - started, 1)
+            save(run, run_dir_of(seed))
+            runs.append(run)
+        every_run = runs
+    else:
+        objectives: dict[tuple[str, int], SpeechFinetuneObjective] = {}
+
+        def train(setting: dict[str, Any], seed: int) -> dict[str, Any]:
+            run_config = copy.copy(config)
+            run_config.train = apply_setting(config.train, setting)
+            started = time.perf_counter()
+            try:
+                run, objectives[setting_tag(setting), seed] = _run_full(run_config, seed, run_dir_of(seed, setting))
+            except NonFiniteLossError as error:
+                if not config.grid.searches:
+                    raise
+                logger.warning("grid setting %s, seed %d failed: %s", setting, seed, str(error).splitlines()[0])
+                run = {"failed": str(error).splitlines()[0][:300], "validation": {}, "steps": 0, "model_dir": ""}
+            run["seconds"] = round(time.perf_counter() - started, 1)
+            save(run, run_dir_of(seed, setting))
+            every_run.append(run)
+            return run
+
+        def score_test(setting: dict[str, Any], seed: int, run: dict[str, Any]) -> dict[str, float]:
+            test = _score_exported(objectives[setting_tag(setting), seed], run["model_dir"])
+            save({**run, "test": test}, run_dir_of(seed, setting))
+            return test
+
+        selection, runs = select_on_validation(config.grid.settings(), config.seeds, train, score_test, metric,
+                                               lower_is_better=metric in LOWER_IS_BETTER)
     result = SpeechFinetuneResult(
         task=task_data.name, protocol=config.protocol, model=config.model.path, init=config.model.init,
         seeds=list(config.seeds), main_metric=metric,
@@ -682,14 +759,16 @@ def finetune(model: str | None = None, task: str | SpeechTaskConfig | None = Non
         validation={m: [r["validation"].get(m, math.nan) for r in runs] for m in task_data.metrics},
         model_dirs=[r["model_dir"] for r in runs], steps=[r["steps"] for r in runs],
         output_dir=config.train.output_dir, dataset_id=task_data.dataset_id,
-        seconds=sum(r["seconds"] for r in runs),
+        seconds=sum(r["seconds"] for r in every_run),
         task_type="automatic-speech-recognition" if task_data.problem == "asr" else "audio-classification",
-        lower_is_better=metric in LOWER_IS_BETTER, layer_weights=[r.get("layer_weights", []) for r in runs])
+        lower_is_better=metric in LOWER_IS_BETTER, layer_weights=[r.get("layer_weights", []) for r in runs],
+        selection=selection, label_budget=config.label_budget, train_examples=[r["train_rows"] for r in runs])
     if config.protocol == "full":
         for model_dir in result.model_dirs:
             add_scores_to_model_card(model_dir, result)
     Path(config.train.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(config.train.output_dir) / f"{config.protocol}-{config.model.init}-result.json").write_text(
+    budget = "" if config.label_budget is None else f"-labels{config.label_budget}"
+    (Path(config.train.output_dir) / f"{config.protocol}-{config.model.init}{budget}-result.json").write_text(
         json.dumps(result.to_dict(), indent=1))
     logger.info("%s", result.summary())
     return result
@@ -697,4 +776,4 @@ def finetune(model: str | None = None, task: str | SpeechTaskConfig | None = Non
 
 __all__ = ["PROTOCOL_NAMES", "SpeechFinetuneConfig", "SpeechFinetuneObjective", "SpeechFinetuneResult",
            "SpeechModelConfig", "WeightedLayerProbe", "WeightedProbeConfig", "build_ctc_tokenizer",
-           "build_speech_finetune_config", "finetune", "greedy_decode", "hidden_states", "run_probe"]
+           "build_speech_finetune_config", "finetune", "greedy_decode", "hidden_states", "run_probe", "training_rows"]

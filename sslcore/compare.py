@@ -9,6 +9,11 @@ budget, same seeds; one from the checkpoint, one from fresh weights) and hands t
     rows = [Comparison("movie-sentiment", "probe", pretrained_result, scratch_result)]
     print(write_report(rows, "runs/x/RESULTS.md", command="...", checkpoint_note="..."))
 
+An arm may also carry `selection` (an `sslcore.finetune.Selection`: the grid it tried on validation and
+what it kept), `label_budget` (labelled training examples per seed; None = all) and `train_examples`: the
+report then states each arm's grid and choice, a labels column, and -- where a task and protocol were
+run at several budgets -- draws the label-budget curves (`plot_label_curves`, `<name>_labels.png`).
+
 What a row claims: delta = mean(pretrained) - mean(scratch) (for an error rate, an arm whose result says
 `lower_is_better`, a negative delta is the improvement); sigma = sqrt(std_p^2 + std_s^2), the
 spread of a difference of two single-seed runs; and Welch's t-test (unequal variances) on the
@@ -146,12 +151,38 @@ class Comparison:
     def helps(self) -> bool:
         return self.verdict == "helps"
 
+    @property
+    def label_budget(self) -> int | None:
+        """Labelled training examples per seed (None = the whole training split)."""
+        return getattr(self.pretrained, "label_budget", None)
+
+    @property
+    def labels_used(self) -> float | None:
+        """How many labelled examples each seed learned from (mean over the pretrained arm's seeds): the budget,
+        or for the whole split what the arm reports (`train_examples`); None when it says nothing."""
+        if self.label_budget is not None:
+            return float(self.label_budget)
+        used = getattr(self.pretrained, "train_examples", None)
+        return statistics.fmean(used) if used else None
+
+    @property
+    def labels_text(self) -> str:
+        if self.label_budget is not None:
+            return str(self.label_budget)
+        return "all" + (f" ({self.labels_used:.0f})" if self.labels_used is not None else "")
+
+    def selections(self) -> dict[str, Any]:
+        """{"pretrained": Selection, "scratch": Selection} for the arms that report one."""
+        return {name: arm.selection for name, arm in (("pretrained", self.pretrained), ("scratch", self.scratch))
+                if getattr(arm, "selection", None) is not None}
+
     def to_dict(self) -> dict[str, Any]:
         test = self.welch
         return {"task": self.task, "protocol": self.protocol, "metric": self.metric, "delta": self.delta,
                 "lower_is_better": self.lower_is_better, "sigma": self.sigma, "delta_over_sigma": self.ratio,
                 "welch_t": None if test is None else test.t, "welch_df": None if test is None else test.df,
                 "p_value": None if test is None else test.p_value, "verdict": self.verdict, "helps": self.helps,
+                "label_budget": self.label_budget, "labels_used": self.labels_used,
                 "pretrained": _arm_dict(self.pretrained), "scratch": _arm_dict(self.scratch)}
 
 
@@ -174,15 +205,45 @@ def _p_text(row: Comparison) -> str:
     return "n/a" if p is None else f"{p:.2g}" if p >= 1e-4 else "<1e-4"
 
 
+def _searched(row: Comparison) -> bool:
+    return any(selection.searched for selection in row.selections().values())
+
+
+def _selected_text(row: Comparison) -> str:
+    chosen = row.selections()
+    return " / ".join(chosen[name].short() if name in chosen else "-" for name in ("pretrained", "scratch"))
+
+
+def selection_notes(rows: Sequence[Comparison], protocol_names: Mapping[str, str] | None = None) -> list[str]:
+    """One markdown line per row whose arms searched a grid: the grid, and what each arm kept on validation."""
+    names = protocol_names or {}
+    lines = []
+    for row in rows:
+        chosen = row.selections()
+        if not any(selection.searched for selection in chosen.values()):
+            continue
+        budget = "" if row.label_budget is None else f", {row.label_budget} labels"
+        arms = "; ".join(f"{name}: {selection.describe()}" for name, selection in chosen.items())
+        lines.append(f"- {row.task}, {names.get(row.protocol, row.protocol)}{budget} -- {arms}")
+    return lines
+
+
 def comparison_table(rows: Sequence[Comparison], *, command: str, checkpoint_note: str, budget_note: str = "",
                      protocol_names: Mapping[str, str] | None = None, plot_name: str = "downstream.png",
-                     title: str = "Downstream: pretrained vs scratch") -> str:
-    """The markdown report: how it was made, the summary table, then every seed's score.
+                     title: str = "Downstream: pretrained vs scratch", curves_name: str | None = None) -> str:
+    """The markdown report: how it was made, the summary table, each arm's model selection, then every seed's
+    score.
 
     `checkpoint_note`: one sentence on the pretrained checkpoint (what, on which data, for how long);
-    `budget_note`: a short budget for the table's last column (omitted when empty)."""
+    `budget_note`: a short budget for the table's last column (omitted when empty); `curves_name`: the
+    label-budget curves' image, linked when given. A labels column appears when any row has a label budget,
+    and a "selected" column when any arm chose among several settings."""
     names = protocol_names or {}
     seconds = sum(getattr(row.pretrained, "seconds", 0.0) + getattr(row.scratch, "seconds", 0.0) for row in rows)
+    with_labels = any(row.label_budget is not None for row in rows)
+    with_selection = any(_searched(row) for row in rows)
+    labels_head = " labels |" if with_labels else ""
+    selected_head = " selected on validation (pretrained / scratch) |" if with_selection else ""
     budget_head = " pretraining budget |" if budget_note else ""
     lines = [
         f"# {title}",
@@ -195,28 +256,41 @@ def comparison_table(rows: Sequence[Comparison], *, command: str, checkpoint_not
         "get the same fine-tuning budget and seeds. Scores are on each task's fixed test split: mean ± sample std "
         "over seeds. sigma = sqrt(std_pretrained^2 + std_scratch^2); p = Welch's t-test on the per-seed scores "
         f"(two-sided). A verdict of helps/hurts needs >= {MIN_SEEDS} seeds per arm, some spread over seeds, "
-        f"|delta| > 2 sigma and p < {ALPHA}.",
+        f"|delta| > 2 sigma and p < {ALPHA}."
+        + (" Each arm chose its own setting on the validation split (mean over its seeds) and only that setting "
+           "was scored on test." if with_selection else "")
+        + (" labels = labelled training examples per seed: a stratified subset of the training split, fixed per "
+           "seed and nested across budgets (validation and test stay whole)." if with_labels else ""),
         "",
-        f"| task | protocol | metric | pretrained | scratch | delta | delta / sigma | Welch p | seeds | verdict |{budget_head}",
-        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if budget_note else ""),
+        f"| task | protocol |{labels_head} metric | pretrained | scratch | delta | delta / sigma | Welch p | seeds | "
+        f"verdict |{selected_head}{budget_head}",
+        "|---|---|" + ("---|" if with_labels else "") + "---|---|---|---|---|---|---|---|"
+        + ("---|" if with_selection else "") + ("---|" if budget_note else ""),
     ]
     for row in rows:
         verdict = f"**{row.verdict}**" if row.verdict in ("helps", "hurts") else row.verdict
         lines.append(
-            f"| {row.task} | {names.get(row.protocol, row.protocol)} | {row.metric}"
-            f"{' (lower is better)' if row.lower_is_better else ''} | "
+            f"| {row.task} | {names.get(row.protocol, row.protocol)} |" + (f" {row.labels_text} |" if with_labels else "")
+            + f" {row.metric}{' (lower is better)' if row.lower_is_better else ''} | "
             f"{_mean_std(row.pretrained_scores)} | {_mean_std(row.scratch_scores)} | {row.delta:+.4f} | "
             f"{_ratio_text(row)} | {_p_text(row)} | {len(row.pretrained_scores)} / {len(row.scratch_scores)} | "
-            f"{verdict} |" + (f" {budget_note} |" if budget_note else ""))
+            f"{verdict} |" + (f" {_selected_text(row)} |" if with_selection else "")
+            + (f" {budget_note} |" if budget_note else ""))
+    notes = selection_notes(rows, names)
+    if notes:
+        lines += ["", "Model selection (each arm on its own, on the validation split; [kept]):", "", *notes]
     lines += ["", "Per seed (test, main metric; runs that train list the optimizer steps each took):", ""]
     for row in rows:
         for name, result in (("pretrained", row.pretrained), ("scratch", row.scratch)):
             steps = getattr(result, "steps", None)
             shown_steps = f", steps {steps}" if steps and any(steps) else ""
-            lines.append(f"- {row.task}, {row.protocol}, {name}: seeds {list(result.seeds)}: "
+            budget = "" if row.label_budget is None else f", {row.label_budget} labels"
+            lines.append(f"- {row.task}, {row.protocol}{budget}, {name}: seeds {list(result.seeds)}: "
                          f"{[round(v, 4) for v in arm_scores(result, row.metric)]}{shown_steps}; "
                          f"{getattr(result, 'seconds', 0.0):.0f} s")
     lines += ["", f"![pretrained vs scratch]({plot_name})", ""]
+    if curves_name:
+        lines += [f"![label-budget curves: test score vs labelled examples, mean ± std over seeds]({curves_name})", ""]
     return "\n".join(lines)
 
 
@@ -230,7 +304,7 @@ def plot_comparison(rows: Sequence[Comparison], path: str | Path, title: str,
     import matplotlib.pyplot as plt
 
     names = protocol_names or {}
-    fig, ax = plt.subplots(figsize=(max(5.0, 2.4 * len(rows)), 4.4))
+    fig, ax = plt.subplots(figsize=(min(max(5.0, 2.4 * len(rows)), 30.0), 4.4))  # label-budget runs have many rows
     values: list[float] = []
     for position, row in enumerate(rows):
         for offset, name, color in ((-0.18, "pretrained", "#1f77b4"), (0.18, "scratch", "#7f7f7f")):
@@ -239,8 +313,10 @@ def plot_comparison(rows: Sequence[Comparison], path: str | Path, title: str,
             ax.scatter([position + offset] * len(scores), scores, color=color, alpha=0.5, s=18, zorder=3)
             ax.errorbar(position + offset, statistics.fmean(scores), yerr=sample_std(scores), fmt="_", markersize=22,
                         capsize=5, color=color, label=name if position == 0 else None, zorder=4)
-    ax.set_xticks(range(len(rows)), [f"{row.task}\n{names.get(row.protocol, row.protocol)}\n({row.metric}, "
-                                     f"delta {row.delta:+.3f}, p {_p_text(row)})" for row in rows], fontsize=8)
+    ax.set_xticks(range(len(rows)), [f"{row.task}\n{names.get(row.protocol, row.protocol)}"
+                                     + ("" if row.label_budget is None else f", {row.label_budget} labels")
+                                     + f"\n({row.metric}, delta {row.delta:+.3f}, p {_p_text(row)})" for row in rows],
+                  fontsize=8 if len(rows) <= 12 else 6)
     spread = max(values) - min(values) if values else 1.0
     low, high = (min(values), max(values)) if values else (0.0, 1.0)
     ax.set_ylim(low - 0.15 * spread - 0.01, high + 0.15 * spread + 0.01)
@@ -254,16 +330,75 @@ def plot_comparison(rows: Sequence[Comparison], path: str | Path, title: str,
     plt.close(fig)
 
 
+def label_curve_groups(rows: Sequence[Comparison]) -> dict[tuple[str, str], list[Comparison]]:
+    """(task, protocol) -> its rows in order of labels used, for every pair run at two or more label budgets."""
+    groups: dict[tuple[str, str], list[Comparison]] = {}
+    for row in rows:
+        if row.labels_used is not None:
+            groups.setdefault((row.task, row.protocol), []).append(row)
+    return {key: sorted(members, key=lambda r: r.labels_used) for key, members in groups.items()
+            if len({r.labels_used for r in members}) > 1}
+
+
+def plot_label_curves(rows: Sequence[Comparison], path: str | Path, title: str = "",
+                      protocol_names: Mapping[str, str] | None = None) -> bool:
+    """Label-budget curves: test score against labelled training examples (log scale), pretrained beside
+    scratch, mean over seeds with a ± std band, one panel per task x protocol run at several budgets. Any
+    modality's rows work (they need `label_budget` or `train_examples` on their arms). False when no pair
+    was run at two budgets (nothing drawn)."""
+    groups = label_curve_groups(rows)
+    if not groups:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = protocol_names or {}
+    columns = min(3, len(groups))
+    lines = math.ceil(len(groups) / columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(4.4 * columns, 3.6 * lines), squeeze=False)
+    for ax, ((task, protocol), members) in zip(axes.flat, groups.items()):
+        x = [row.labels_used for row in members]
+        for name, color in (("pretrained", "#1f77b4"), ("scratch", "#7f7f7f")):
+            scores = [row.pretrained_scores if name == "pretrained" else row.scratch_scores for row in members]
+            means = [statistics.fmean(s) for s in scores]
+            stds = [sample_std(s) for s in scores]
+            ax.plot(x, means, "o-", color=color, label=name)
+            ax.fill_between(x, [m - d for m, d in zip(means, stds)], [m + d for m, d in zip(means, stds)],
+                            color=color, alpha=0.2)
+        ax.set_xscale("log")
+        ax.set_xticks(x, [row.labels_text.replace(" (", "\n(") for row in members], fontsize=7)
+        ax.minorticks_off()
+        ax.set_xlabel("labelled training examples per seed")
+        ax.set_ylabel(f"test {members[0].metric}" + (" (lower is better)" if members[0].lower_is_better else ""))
+        ax.set_title(f"{task}, {names.get(protocol, protocol)}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def write_report(rows: Sequence[Comparison], results_path: str | Path, *, command: str, checkpoint_note: str,
                  budget_note: str = "", plot_title: str = "pretrained vs random init",
                  protocol_names: Mapping[str, str] | None = None, extra: dict[str, Any] | None = None) -> str:
-    """Write the markdown table at `results_path`, the seed plot beside it (same name, .png) and a JSON of
-    every score and statistic (same name, .json; `extra` goes into it too). Returns the markdown."""
+    """Write the markdown table at `results_path`, the seed plot beside it (same name, .png), the label-budget
+    curves where a task was run at several budgets (`<name>_labels.png`) and a JSON of every score and
+    statistic (same name, .json; `extra` goes into it too). Returns the markdown."""
     results_path = Path(results_path)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     plot_path = results_path.with_suffix(".png")
+    curves_path = results_path.with_name(results_path.stem + "_labels.png")
+    drew_curves = plot_label_curves(rows, curves_path, plot_title, protocol_names)
     text = comparison_table(rows, command=command, checkpoint_note=checkpoint_note, budget_note=budget_note,
-                            protocol_names=protocol_names, plot_name=plot_path.name)
+                            protocol_names=protocol_names, plot_name=plot_path.name,
+                            curves_name=curves_path.name if drew_curves else None)
     results_path.write_text(text)
     plot_comparison(rows, plot_path, plot_title, protocol_names)
     results_path.with_suffix(".json").write_text(json.dumps(
@@ -272,4 +407,5 @@ def write_report(rows: Sequence[Comparison], results_path: str | Path, *, comman
 
 
 __all__ = ["ALPHA", "MIN_SEEDS", "ArmResult", "Comparison", "WelchTest", "arm_scores", "comparison_table",
-           "plot_comparison", "sample_std", "welch_t_test", "write_report"]
+           "label_curve_groups", "plot_comparison", "plot_label_curves", "sample_std", "selection_notes",
+           "welch_t_test", "write_report"]

@@ -42,9 +42,35 @@ def stratified_split(keys: Sequence[str], strata: Sequence[Any], fractions: dict
     return {name: sorted(indices) for name, indices in out.items()}
 
 
+def stratified_order(keys: Sequence[str], strata: Sequence[Any], seed: int, salt: str = "") -> list[int]:
+    """Every index once, in an order whose every prefix is a stratified sample: within each stratum the
+    examples go by their hash of (seed, salt, key); example r (0-based) of a stratum of n sits at r / n, and
+    the strata interleave by that position (ties by hash). So a prefix of k rows holds each stratum's share
+    k x n / N up to rounding (at most 1 over, at most S x n / N under, for S strata of N examples), the first
+    example of every stratum comes first (a prefix of S rows holds one of each), and a shorter prefix is inside a
+    longer one. Like `stratified_split`, a pure function of keys, strata and seed."""
+    by_stratum: dict[Any, list[int]] = defaultdict(list)
+    for index, stratum in enumerate(strata):
+        by_stratum[stratum].append(index)
+    placed: list[tuple[float, str, int]] = []
+    for members in by_stratum.values():
+        ranks = sorted(((_rank(seed, f"{salt}\x00{keys[i]}"), i) for i in members))
+        placed += [(position / len(ranks), rank, index) for position, (rank, index) in enumerate(ranks)]
+    return [index for _, _, index in sorted(placed)]
+
+
+def stratified_subset(keys: Sequence[str], strata: Sequence[Any], size: int, seed: int,
+                      salt: str = "subset") -> list[int]:
+    """Sorted indices of exactly `size` examples, stratified (see `stratified_order`) and nested: for one seed
+    the subset of 100 lies inside the subset of 300. Label-budget curves train on these."""
+    if not 0 < size <= len(keys):
+        raise ValueError(f"a subset of {size} examples from {len(keys)}: choose a size from 1 to {len(keys)}")
+    return sorted(stratified_order(keys, strata, seed, salt)[:size])
+
+
 def split_digest(dataset: datasets.Dataset, column: str = "id") -> str:
     """Short hash of a split's example ids (order-free): equal digests = the same split."""
     return hashlib.sha256("\n".join(sorted(map(str, dataset[column]))).encode()).hexdigest()[:16]
 
 
-__all__ = ["split_digest", "stratified_split"]
+__all__ = ["split_digest", "stratified_order", "stratified_split", "stratified_subset"]

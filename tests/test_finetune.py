@@ -319,3 +319,104 @@ def test_downstream_table_compares_with_scratch_and_writes_the_report(tiny_model
     assert [r["protocol"] for r in saved["rows"]] == ["full", "probe"] and saved["budget"]["steps"] == 7
     protocols = {(e.metric_args or {}).get("protocol") for e in ModelCard.load(model / "README.md").data.eval_results}
     assert protocols == {"full", "probe"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-arm model selection and label budgets
+# --------------------------------------------------------------------------------------------------
+
+
+def test_grid_selects_per_arm_on_validation_and_scores_test_once_with_the_choice(tiny_model, cache_dir, tmp_path,
+                                                                                  monkeypatch):
+    from sslcore.compare import Comparison, comparison_table
+    from textssl.finetune import SequenceClassificationObjective
+
+    original, calls = SequenceClassificationObjective.score, []
+    # Validation says: the pretrained arm does best at 1e-4, the scratch arm at 1e-3 (real training, real
+    # scores; only validation accuracy is steered so that the two arms must choose differently).
+    preferred = {"pretrained": 1e-4, "random": 1e-3}
+
+    def score(self, model, split, accelerator=None):
+        scores = original(self, model, split, accelerator)
+        init, rate = self.config.model.init, self.config.train.learning_rate
+        calls.append((init, rate, split))
+        if split == "validation":
+            scores["accuracy"] = 0.9 if rate == preferred[init] else 0.1
+        return scores
+
+    monkeypatch.setattr(SequenceClassificationObjective, "score", score)
+    options = {**_options(cache_dir, tmp_path, max_steps=2, eval_every=2), "grid": {"learning_rates": [1e-4, 1e-3]}}
+    arms = {init: textssl.finetune(model=tiny_model, task="tiny-polarity", seeds=[0, 1], init=init, overrides=options)
+            for init in preferred}
+    for init, result in arms.items():
+        assert result.selection.settings == [{"learning_rate": 1e-4}, {"learning_rate": 1e-3}]
+        assert result.selection.chosen_settings() == [{"learning_rate": preferred[init]}] * 2
+        assert result.validation["accuracy"] == [0.9, 0.9]
+        # Every setting trained (and validated once: 2 steps) on every seed; the test split scored once per seed,
+        # with the chosen rate only.
+        assert sorted(c[1] for c in calls if c[0] == init and c[2] == "validation") == [1e-4] * 2 + [1e-3] * 2
+        assert [c for c in calls if c[0] == init and c[2] == "test"] == [(init, preferred[init], "test")] * 2
+        rate = "1e-4" if preferred[init] == 1e-4 else "1e-3"
+        assert [Path(d).parent.name for d in result.model_dirs] == [f"full-{init}-lr{rate}-seed{s}" for s in (0, 1)]
+        other = "1e-3" if rate == "1e-4" else "1e-4"
+        assert "test" not in json.loads((tmp_path / "runs" / f"full-{init}-lr{other}-seed0" / "scores.json").read_text())
+    # The report and the model card state the grid and what each arm chose.
+    text = comparison_table([Comparison("tiny-polarity", "full", arms["pretrained"], arms["random"])],
+                            command="pytest", checkpoint_note="x")
+    assert "| lr 1e-4 / lr 1e-3 |" in text and "pretrained: learning_rate=1e-4 (validation accuracy" in text
+    card = ModelCard.load(Path(arms["random"].model_dirs[0]) / "README.md")
+    assert [e.metric_args["selected"] for e in card.data.eval_results if e.metric_type == "accuracy"] == ["lr 1e-3"]
+    assert "learning_rate=1e-4, learning_rate=1e-3" in (Path(arms["random"].model_dirs[0]) / "README.md").read_text()
+    # A rerun reuses every finished setting: nothing trained, nothing scored again.
+    calls.clear()
+    again = textssl.finetune(model=tiny_model, task="tiny-polarity", seeds=[0, 1], init="random", overrides=options)
+    assert calls == [] and again.test == arms["random"].test
+
+
+def test_label_budget_trains_each_seed_on_its_own_nested_stratified_subset(tiny_model, cache_dir, tmp_path):
+    from textssl.finetune import label_budget_rows
+
+    task = load_task(TaskConfig(name="tiny-polarity", cache_dir=cache_dir))
+    labels = task.splits["train"]["label"]
+    small, large = label_budget_rows(task, 20, seed=0), label_budget_rows(task, 60, seed=0)
+    assert len(small) == 20 and set(small) < set(large)  # nested
+    assert abs(sum(labels[i] for i in small) - 20 * sum(labels) / len(labels)) <= 1  # stratified
+    assert label_budget_rows(task, 20, seed=0) == small != label_budget_rows(task, 20, seed=1)  # fixed per seed
+    assert label_budget_rows(task, None, seed=0) == list(range(160))
+    probe = textssl.finetune(model=tiny_model, task="tiny-polarity", protocol="probe", seeds=[0, 1],
+                             overrides={**_options(cache_dir, tmp_path), "label_budget": 20})
+    assert probe.label_budget == 20 and probe.train_examples == [20, 20] and "20 labels" in probe.summary()
+    assert Path(probe.model_dirs[0]).parent.name == "probe-pretrained-labels20-seed0"
+    assert json.loads((Path(probe.model_dirs[0]) / "probe_head.json").read_text())["train_rows"] == 20
+    full = textssl.finetune(model=tiny_model, task="tiny-polarity", seeds=[1],
+                            overrides={**_options(cache_dir, tmp_path, max_steps=2, eval_every=2), "label_budget": 20})
+    assert full.train_examples == [20] and (tmp_path / "runs" / "full-pretrained-labels20-result.json").is_file()
+    with pytest.raises(cfg.ConfigError, match="label_budget=161 is more than the 160 training examples"):
+        textssl.finetune(model=tiny_model, task="tiny-polarity", seeds=[0],
+                         overrides={**_options(cache_dir, tmp_path), "label_budget": 161})
+
+
+def test_downstream_benchmark_draws_label_budget_curves(tiny_model, cache_dir, tmp_path):
+    import shutil
+
+    from textssl.downstream import compare_with_scratch, write_report
+
+    spec = importlib.util.spec_from_file_location("downstream_bench", REPO / "benchmarks" / "downstream.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--labels", "100", "300", "1000", "all", "--learning-rates", "1e-4", "3e-4"])
+    assert args.labels == [100, 300, 1000, None] and args.learning_rates == [1e-4, 3e-4]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--labels", "many"])
+    model = tmp_path / "run" / "model"
+    shutil.copytree(tiny_model, model)
+    rows = compare_with_scratch(model, tasks=["tiny-polarity"], protocols=["probe"], seeds=[0, 1],
+                                work_dir=tmp_path / "work", overrides=_options(cache_dir, tmp_path), verbose=False,
+                                label_budgets=[20, 60, None])
+    assert [(r.label_budget, r.labels_used) for r in rows] == [(20, 20), (60, 60), (None, 128)]
+    text = write_report(rows, model, tmp_path / "report" / "RESULTS.md", "pytest")
+    assert "| tiny-polarity | linear probe (frozen encoder) | 20 | accuracy |" in text and "| all (128) |" in text
+    assert (tmp_path / "report" / "RESULTS_labels.png").stat().st_size > 0 and "RESULTS_labels.png" in text
+    # The card keeps one row per budget.
+    budgets = {(e.metric_args or {}).get("labels") for e in ModelCard.load(model / "README.md").data.eval_results}
+    assert budgets == {20, 60, None}

@@ -184,3 +184,27 @@ def test_bad_input_errors(upstream, sound_or_tone, tmp_path):
                  overrides=options(tmp_path, early_stopping={"metric": "cer"}))
     with pytest.raises(ValueError, match="repeats a seed"):
         finetune(model=upstream, task=sound_or_tone, seeds=[1, 1], overrides=options(tmp_path))
+
+
+def test_full_finetune_grid_picks_on_validation_and_scores_test_only_with_the_choice(upstream, sound_or_tone,
+                                                                                     tmp_path, monkeypatch):
+    from speechssl.finetune import SpeechFinetuneObjective
+
+    original, calls = SpeechFinetuneObjective.score, []
+
+    def score(self, model, split, accelerator=None):  # real scores; validation steered to prefer 3e-3
+        scores = original(self, model, split, accelerator)
+        calls.append((self.config.train.learning_rate, split))
+        if split == "validation":
+            scores["accuracy"] = 1.0 if self.config.train.learning_rate == 3e-3 else 0.0
+        return scores
+
+    monkeypatch.setattr(SpeechFinetuneObjective, "score", score)
+    result = finetune(model=upstream, task=sound_or_tone, protocol="full", seeds=[0],
+                      overrides=options(tmp_path, train={"max_steps": 3}, grid={"learning_rates": [1e-3, 3e-3]},
+                                        label_budget=20))
+    assert result.selection.chosen_settings() == [{"learning_rate": 3e-3}] and result.validation["accuracy"] == [1.0]
+    assert [c for c in calls if c[1] == "test"] == [(3e-3, "test")]  # the test split: only the chosen setting
+    assert result.label_budget == 20 and result.train_examples == [20]
+    assert Path(result.model_dirs[0]).parent.name == "full-pretrained-labels20-lr3e-3-seed0"
+    assert "test" not in json.loads((tmp_path / "runs" / "full-pretrained-labels20-lr1e-3-seed0" / "scores.json").read_text())

@@ -27,20 +27,26 @@ from textssl.finetune import PROTOCOL_NAMES, add_scores_to_model_card, finetune
 
 def compare_with_scratch(model: str | Path, tasks: Sequence[str], protocols: Sequence[str] = ("full", "probe"),
                          seeds: Sequence[int] = (0, 1, 2), work_dir: str | Path = "runs/downstream",
-                         overrides: dict[str, Any] | None = None, verbose: bool = True) -> list[Comparison]:
-    """Fine-tune `model` and its randomly initialised twin on every task x protocol (finished seeds are
-    reused, see `textssl.finetune`). `overrides` go to every fine-tuning config (e.g. {"train": {"max_steps": 500}})."""
+                         overrides: dict[str, Any] | None = None, verbose: bool = True,
+                         label_budgets: Sequence[int | None] = (None,)) -> list[Comparison]:
+    """Fine-tune `model` and its randomly initialised twin on every task x protocol x label budget (finished
+    seeds are reused, see `textssl.finetune`). `overrides` go to every fine-tuning config (e.g.
+    {"train": {"max_steps": 500}}, or {"grid": {"learning_rates": [1e-4, 3e-4, 1e-3]}} for per-arm model
+    selection); `label_budgets`: labelled training examples per seed, None = all (e.g. (100, 300, 1000, None)
+    for the label-budget curves)."""
     overrides = {"train": {"progress_bar": False}} if overrides is None else overrides
     rows = []
     for task in tasks:
         for protocol in protocols:
-            results = {}
-            for init in ("pretrained", "random"):
-                results[init] = finetune(model=str(model), task=task, protocol=protocol, init=init, seeds=list(seeds),
-                                         output_dir=str(Path(work_dir) / "finetune" / task), overrides=overrides)
-                if verbose:  # seconds as measured when each seed ran (finished seeds are reused)
-                    print(f"{results[init].summary()} ({results[init].seconds:.0f} s)", flush=True)
-            rows.append(Comparison(task, protocol, results["pretrained"], results["random"]))
+            for budget in label_budgets:
+                results = {}
+                for init in ("pretrained", "random"):
+                    results[init] = finetune(model=str(model), task=task, protocol=protocol, init=init,
+                                             seeds=list(seeds), output_dir=str(Path(work_dir) / "finetune" / task),
+                                             overrides={**overrides, "label_budget": budget})
+                    if verbose:  # seconds as measured when each seed ran (finished seeds are reused)
+                        print(f"{results[init].summary()} ({results[init].seconds:.0f} s)", flush=True)
+                rows.append(Comparison(task, protocol, results["pretrained"], results["random"]))
     return rows
 
 

@@ -11,6 +11,10 @@ Two protocols, each run once per seed (mean ± std reported):
   shared `sslcore.trainer.Trainer` through the `sequence_classification` objective; validation
   metrics after every `train.eval_every` steps, the best weights kept, early stopping on the
   task's main metric; the test split is scored once, with the best weights.
+- model selection per arm (`grid.learning_rates: [1e-4, 3e-4, 1e-3]`, optionally `grid.warmup_ratios`,
+  `grid.max_steps`): the full protocol trains every setting once per seed, keeps the setting with the
+  best mean validation score, and scores the test split only with that setting's models -- the BERT
+  GLUE protocol, run for each arm on its own (`sslcore.finetune.select_on_validation`).
 - ``probe``: the encoder frozen; mean-pooled (or [CLS]) hidden states of one layer feed an L2-regularised
   logistic regression (ridge for regression tasks) fitted by L-BFGS, its strength chosen on
   validation. Cheap, and the honest measure of what the representation holds. Each seed fits on its
@@ -19,6 +23,10 @@ Two protocols, each run once per seed (mean ± std reported):
 
 `model.init: random` builds the same architecture with fresh weights (the scratch baseline) and
 keeps the checkpoint's tokenizer, so both arms see the same input.
+
+`label_budget: 100` trains each seed on a stratified subset of 100 training examples, fixed per seed and
+nested (a seed's 100 are among its 300): the points of a label-budget curve (`benchmarks/downstream.py
+--labels 100 300 1000 all`). Validation and test stay whole.
 """
 
 from __future__ import annotations
@@ -55,14 +63,16 @@ from transformers import (
 
 from sslcore import config as cfg
 from sslcore.errors import MissingPathError
-from sslcore.finetune import (EarlyStopping, EarlyStoppingConfig, FinetuneTrainConfig, add_scores_to_model_card,
-                              eval_results_for)
+from sslcore.finetune import (EarlyStopping, EarlyStoppingConfig, FinetuneTrainConfig, GridConfig, Selection,
+                              add_scores_to_model_card, apply_setting, eval_results_for, select_on_validation,
+                              setting_tag)
 from sslcore.finetune import FinetuneResult as SharedFinetuneResult
 from sslcore.hub import write_model_card
 from sslcore.objective import LossContext, Objective, Ratio
 from sslcore.registry import register_objective
 from sslcore.run_config import RunConfig
-from sslcore.trainer import Trainer, _multi_process_without_gpu
+from sslcore.splits import stratified_subset
+from sslcore.trainer import NonFiniteLossError, Trainer, _multi_process_without_gpu
 from sslcore.metrics import compute_metrics
 from textssl.tasks import Task, TaskConfig, load_task
 
@@ -137,6 +147,12 @@ class FinetuneConfig(RunConfig):
     """One run per seed (init of new weights, data order, dropout); scores are reported as mean ± std."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     """Validation-based model selection of the full protocol."""
+    grid: GridConfig = field(default_factory=GridConfig)
+    """Settings the full protocol tries per arm (learning rates, warm-up, steps); the best mean validation score
+    over the seeds is kept and only it is scored on test. Empty = train's values alone."""
+    label_budget: int | None = None
+    """Labelled training examples per seed: a stratified subset of the training split, fixed per seed and nested
+    across budgets (in both protocols; the probe then ignores probe.train_fraction). None = the whole split."""
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     """Options of the probe protocol."""
     keep_checkpoints: bool = False
@@ -313,10 +329,14 @@ class SequenceClassificationObjective(Objective):
         self.task = load_task(self.config.task)
         self.tokenizer = load_tokenizer(self.config.model)
         self.encoded = encode_task(self.task, self.tokenizer, sequence_limit(self.config.model, self.tokenizer))
+        if self.config.label_budget is not None:
+            self.encoded["train"] = self.encoded["train"].select(
+                label_budget_rows(self.task, self.config.label_budget, self.config.train.seed))
         self.collator = DataCollatorWithPadding(self.tokenizer)
+        # The test split is scored after model selection, and only for the chosen setting (`finetune`).
         self.early_stopping = EarlyStopping(
             self.config.early_stopping, self.config.early_stopping.metric or self.task.main_metric, self.task.metrics,
-            self.score, task_name=self.task.name)
+            self.score, task_name=self.task.name, score_test=False)
 
     def score(self, model: nn.Module, split: str, accelerator=None) -> dict[str, float]:
         """The task's metrics of `model` on one encoded split (gathered over processes)."""
@@ -458,12 +478,42 @@ def probe_subset(labels: torch.Tensor, fraction: float, seed: int, stratify: boo
     return torch.cat(chosen).sort().values
 
 
+def label_budget_rows(task: Task, budget: int | None, seed: int) -> list[int]:
+    """The training rows a seed learns from under `label_budget`: every row (None), or a stratified subset of
+    `budget` rows fixed per seed and nested across budgets (`sslcore.splits.stratified_subset`, keyed by the
+    example id, else its text)."""
+    train = task.splits["train"]
+    if budget is None:
+        return list(range(len(train)))
+    check_label_budget(task, budget)
+    keys = [str(key) for key in train["id" if "id" in train.column_names else "text"]]
+    strata = train["label"] if task.problem == "classification" else [0] * len(train)
+    return stratified_subset(keys, strata, budget, seed, salt="label-budget")
+
+
+def check_label_budget(task: Task, budget: int | None) -> None:
+    if budget is None:
+        return
+    size = len(task.splits["train"])
+    if budget > size:
+        raise cfg.ConfigError(f"label_budget={budget} is more than the {size} training examples of {task.name!r}; "
+                              "use a smaller budget, or null (`all`) for the whole split")
+    least = task.num_labels if task.problem == "classification" else 2
+    if budget < least:
+        raise cfg.ConfigError(f"label_budget={budget} is fewer than the {least} examples {task.name!r} needs "
+                              f"({'one per class' if task.problem == 'classification' else 'to fit a regression'})")
+
+
 def run_probe(config: FinetuneConfig, task: Task, encoded, features: dict[str, torch.Tensor], seed: int,
               out_dir: Path) -> dict[str, Any]:
-    """Linear model on frozen features, fitted on this seed's subset of the training split
-    (`probe.train_fraction`), L2 strength chosen on validation; scores and the saved head."""
+    """Linear model on frozen features, fitted on this seed's subset of the training split (its `label_budget`
+    rows, else `probe.train_fraction`), L2 strength chosen on validation; scores and the saved head."""
     labels = {name: torch.tensor(split["label"]) for name, split in encoded.items()}
-    rows = probe_subset(labels["train"], config.probe.train_fraction, seed, stratify=task.problem == "classification")
+    if config.label_budget is not None:
+        rows = torch.tensor(label_budget_rows(task, config.label_budget, seed))
+    else:
+        rows = probe_subset(labels["train"], config.probe.train_fraction, seed,
+                            stratify=task.problem == "classification")
     features, labels = {**features, "train": features["train"][rows]}, {**labels, "train": labels["train"][rows]}
     # Standardise with train statistics so one L2 grid suits every encoder and layer.
     mean, std = features["train"].mean(0), features["train"].std(0).clamp(min=1e-6)
@@ -471,6 +521,7 @@ def run_probe(config: FinetuneConfig, task: Task, encoded, features: dict[str, t
     metric = config.early_stopping.metric or task.main_metric
     best: dict[str, Any] | None = None
     previous = None
+    tried: dict[str, float] = {}
     for l2 in sorted(config.probe.l2_grid, reverse=True):  # strong to weak, each warm-started from the last
         if task.problem == "regression":
             weight, bias = fit_ridge(features["train"], labels["train"].double(), l2)
@@ -479,6 +530,7 @@ def run_probe(config: FinetuneConfig, task: Task, encoded, features: dict[str, t
                                                    config.probe.max_iter, init=previous)
             previous = (weight, bias)
         validation = task_scores(task, (features["validation"] @ weight + bias).numpy(), labels["validation"].numpy())
+        tried[repr(l2)] = validation[metric]
         if best is None or validation[metric] > best["validation"][metric]:
             best = {"l2": l2, "weight": weight, "bias": bias, "validation": validation}
     assert best is not None
@@ -489,10 +541,10 @@ def run_probe(config: FinetuneConfig, task: Task, encoded, features: dict[str, t
     (out_dir / "probe_head.json").write_text(json.dumps({
         "encoder": config.model.path, "init": config.model.init, "seed": seed, "pooling": config.probe.pooling,
         "layer": config.probe.layer, "l2": best["l2"], "labels": task.label_names, "problem": task.problem,
-        "train_rows": len(rows), "train_fraction": config.probe.train_fraction,
+        "train_rows": len(rows), "train_fraction": config.probe.train_fraction, "label_budget": config.label_budget,
         "usage": "logits = ((pooled_hidden_state - feature_mean) / feature_std) @ weight.T + bias"}, indent=1))
     return {"validation": best["validation"], "test": test, "model_dir": str(out_dir), "l2": best["l2"], "steps": 0,
-            "train_rows": len(rows)}
+            "train_rows": len(rows), "l2_validation": tried}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -506,12 +558,26 @@ class FinetuneResult(SharedFinetuneResult):
     PROTOCOL_NAMES = PROTOCOL_NAMES
 
 
-def _run_dir(config: FinetuneConfig, seed: int) -> Path:
-    return Path(config.train.output_dir) / f"{config.protocol}-{config.model.init}-seed{seed}"
+def _run_dir(config: FinetuneConfig, seed: int, setting: dict[str, Any] | None = None) -> Path:
+    """`<output_dir>/<protocol>-<init>[-labels<N>][-<grid setting>]-seed<N>`, e.g. `full-random-labels100-lr1e-3-seed0`."""
+    parts = [config.protocol, config.model.init, _budget_tag(config), setting_tag(setting or {}), f"seed{seed}"]
+    return Path(config.train.output_dir) / "-".join(part for part in parts if part)
+
+
+def _budget_tag(config: FinetuneConfig) -> str:
+    return "" if config.label_budget is None else f"labels{config.label_budget}"
+
+
+def _with_setting(config: FinetuneConfig, setting: dict[str, Any]) -> FinetuneConfig:
+    """The config of one grid setting: its values in `train`."""
+    run_config = copy.copy(config)
+    run_config.train = apply_setting(config.train, setting)
+    return run_config
 
 
 def _run_full(config: FinetuneConfig, seed: int, run_dir: Path) -> dict[str, Any]:
-
+    """One full fine-tuning run: trained with early stopping on validation, the best weights exported. The test
+    split is not touched here: only the setting chosen on validation is scored on it (`_score_test`)."""
     run_config = copy.deepcopy(config)
     run_config.train.seed, run_config.train.output_dir = seed, str(run_dir)
     objective = SequenceClassificationObjective(run_config)
@@ -522,11 +588,47 @@ def _run_full(config: FinetuneConfig, seed: int, run_dir: Path) -> dict[str, Any
     trainer = Trainer(objective, callbacks=[validate])
     fit = trainer.fit()
     stopper = objective.early_stopping
-    assert stopper is not None and stopper.test is not None  # the trainer always evaluates at the end
+    assert stopper is not None and stopper.best is not None  # the trainer always evaluates at the end
     if not config.keep_checkpoints and trainer.accelerator.is_main_process:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    return {"validation": stopper.best or {}, "test": stopper.test, "model_dir": str(fit.export_dir or run_dir / "model"),
-            "steps": fit.step, "best_step": stopper.best_step}
+    return {"validation": stopper.best, "model_dir": str(fit.export_dir or run_dir / "model"), "steps": fit.step,
+            "best_step": stopper.best_step, "train_rows": len(objective.encoded["train"])}
+
+
+def _encoded(config: FinetuneConfig, task: Task, cache: dict[str, Any]):
+    """The task tokenized once per `finetune` call (the probe's features and the test scoring share it)."""
+    if "encoded" not in cache:
+        tokenizer = load_tokenizer(config.model)
+        cache.update(tokenizer=tokenizer, encoded=encode_task(task, tokenizer, sequence_limit(config.model, tokenizer)))
+    return cache["encoded"]
+
+
+def _score_test(config: FinetuneConfig, task: Task, run: dict[str, Any], run_dir: Path, state: PartialState,
+                cache: dict[str, Any]) -> dict[str, float]:
+    """Test scores of a chosen run's exported best model: computed once, on the main process (an evaluation of a
+    few thousand rows), saved in the run's scores.json (a rerun reuses them) and read by every process."""
+    scores_path = run_dir / "scores.json"
+    if state.is_main_process:
+        objective = SequenceClassificationObjective(config)  # its score(), on the task this call already loaded
+        objective.task, objective.encoded = task, _encoded(config, task, cache)
+        objective.tokenizer = cache["tokenizer"]
+        objective.collator = DataCollatorWithPadding(objective.tokenizer)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        with _quiet_load_report():
+            model = AutoModelForSequenceClassification.from_pretrained(run["model_dir"]).to(device)
+        test = objective.score(model, "test")
+        scores_path.write_text(json.dumps({**json.loads(scores_path.read_text()), "test": test}, indent=1))
+    state.wait_for_everyone()
+    return json.loads(scores_path.read_text())["test"]
+
+
+def _probe_selection(config: FinetuneConfig, runs: list[dict[str, Any]], metric: str) -> Selection:
+    """The probe's own model selection: its L2 strength, chosen on validation per seed (each seed fits its own
+    training subset), as a `Selection` for the report."""
+    grid = sorted(config.probe.l2_grid, reverse=True)  # the order they were tried in
+    return Selection(metric=metric, lower_is_better=False, settings=[{"l2": l2} for l2 in grid],
+                     validation=[[run.get("l2_validation", {}).get(repr(l2)) for run in runs] for l2 in grid],
+                     chosen=[grid.index(run["l2"]) for run in runs], scope="per seed")
 
 
 def build_finetune_config(config: FinetuneConfig | str | Path | None = None,
@@ -547,7 +649,10 @@ def finetune(model: str | None = None, task: str | TaskConfig | None = None, pro
     `config` (a FinetuneConfig or a YAML preset) and `overrides` (`{"train": {"max_steps": 300}}` or
     `["--train.max_steps", "300"]`) set everything else; the keyword arguments win over both. Each seed's
     run lives in `<train.output_dir>/<protocol>-<init>-seed<N>/` with its `scores.json`; a finished
-    run with the same config is reused, not retrained. The fine-tuned models' cards gain their scores.
+    run with the same config is reused, not retrained. With a grid (`grid.learning_rates`), every setting is
+    trained per seed (`...-lr3e-4-seed<N>/`), the one with the best mean validation score is kept, and only its
+    models are scored on test (`result.selection` says what was tried and chosen). The fine-tuned models' cards
+    gain their scores.
     """
     keywords: dict[str, Any] = {}
     if model is not None:
@@ -573,34 +678,61 @@ def finetune(model: str | None = None, task: str | TaskConfig | None = None, pro
     # plain PartialState() here would pin every process to single-process mode for the whole run.
     state = PartialState(cpu=_multi_process_without_gpu())
     task_data = load_task(config.task)
-    runs, feature_cache = [], {}
-    for seed in config.seeds:
-        runs.append(_finetune_one(config, task_data, seed, _run_dir(config, seed), state, feature_cache))
+    check_label_budget(task_data, config.label_budget)
+    metric = config.early_stopping.metric or task_data.main_metric
+    if metric not in task_data.metrics:
+        raise cfg.ConfigError(f"early_stopping.metric={metric!r} is not computed for task {task_data.name!r}; choose "
+                              f"one of {task_data.metrics}")
+    cache: dict[str, Any] = {}
+    every_run: list[dict[str, Any]] = []  # the grid's runs too: the arm's cost includes its search
+    if config.protocol == "probe":
+        runs = [_finetune_one(config, task_data, seed, _run_dir(config, seed), state, cache) for seed in config.seeds]
+        every_run += runs
+        selection = _probe_selection(config, runs, metric)
+    else:
+        searching = config.grid.searches
+
+        def train(setting: dict[str, Any], seed: int) -> dict[str, Any]:
+            run = _finetune_one(_with_setting(config, setting), task_data, seed, _run_dir(config, seed, setting),
+                                state, cache, tolerate_failure=searching)
+            every_run.append(run)
+            return run
+
+        def score_test(setting: dict[str, Any], seed: int, run: dict[str, Any]) -> dict[str, float]:
+            return _score_test(_with_setting(config, setting), task_data, run, _run_dir(config, seed, setting), state,
+                               cache)
+
+        selection, runs = select_on_validation(config.grid.settings(), config.seeds, train, score_test, metric)
+    all_rows = len(task_data.splits["train"])
     result = FinetuneResult(
         task=task_data.name, protocol=config.protocol, model=config.model.path, init=config.model.init,
-        seeds=list(config.seeds), main_metric=config.early_stopping.metric or task_data.main_metric,
+        seeds=list(config.seeds), main_metric=metric,
         test={m: [r["test"][m] for r in runs] for m in task_data.metrics},
         validation={m: [r["validation"].get(m, math.nan) for r in runs] for m in task_data.metrics},
         model_dirs=[r["model_dir"] for r in runs], steps=[r["steps"] for r in runs],
         output_dir=config.train.output_dir, dataset_id=task_data.dataset_id,
-        seconds=sum(r.get("seconds", 0.0) for r in runs))
+        seconds=sum(r.get("seconds", 0.0) for r in every_run), selection=selection, label_budget=config.label_budget,
+        train_examples=[r.get("train_rows", config.label_budget or all_rows) for r in runs])
     if state.is_main_process:
         if config.protocol == "full":
             for model_dir in result.model_dirs:
                 add_scores_to_model_card(model_dir, result)
-        summary_path = Path(config.train.output_dir) / f"{config.protocol}-{config.model.init}-result.json"
-        summary_path.write_text(json.dumps(result.to_dict(), indent=1))
+        name = "-".join(part for part in (config.protocol, config.model.init, _budget_tag(config), "result.json") if part)
+        (Path(config.train.output_dir) / name).write_text(json.dumps(result.to_dict(), indent=1))
     logger.info("%s", result.summary())
     return result
 
 
 def _finetune_one(config: FinetuneConfig, task: Task, seed: int, run_dir: Path, state: PartialState,
-                  feature_cache: dict[str, Any]) -> dict:
-    """One seed: reuse its finished scores.json when the config matches, else train (or probe) and write it.
+                  cache: dict[str, Any], tolerate_failure: bool = False) -> dict:
+    """One seed of one setting: reuse its finished scores.json when the config matches, else train (or probe)
+    and write it. `tolerate_failure` (a grid search): a run whose loss went non-finite is recorded as failed
+    (never chosen) instead of ending the search.
 
-    `feature_cache` keeps a pretrained encoder's probe features across seeds: they do not depend on the seed.
+    `cache` keeps the tokenized task, and a pretrained encoder's probe features across seeds: they do not
+    depend on the seed.
     """
-    finished = _finished(config, seed)
+    finished = _finished(config, seed, run_dir)
     if finished is not None:
         logger.info("reusing finished run %s", run_dir)
         return finished
@@ -608,17 +740,21 @@ def _finetune_one(config: FinetuneConfig, task: Task, seed: int, run_dir: Path, 
     started = time.perf_counter()
     run: dict[str, Any] = {}
     if config.protocol == "full":
-        run = _run_full(config, seed, run_dir)  # every process holds the (gathered) scores
+        try:
+            run = _run_full(config, seed, run_dir)  # every process holds the (gathered) scores
+        except NonFiniteLossError as error:
+            if not tolerate_failure:
+                raise
+            logger.warning("grid setting %s, seed %d failed: %s", run_dir.name, seed, str(error).splitlines()[0])
+            run = {"failed": str(error).splitlines()[0][:300], "validation": {}, "model_dir": "", "steps": 0}
+            if state.is_main_process:
+                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     elif state.is_main_process:
         # The probe is cheap and deterministic: one process runs it while the others wait.
-        if "encoded" not in feature_cache:
-            tokenizer = load_tokenizer(config.model)
-            feature_cache.update(tokenizer=tokenizer,
-                                 encoded=encode_task(task, tokenizer, sequence_limit(config.model, tokenizer)))
-        encoded = feature_cache["encoded"]
-        features = feature_cache.get("pretrained") or probe_features(config, encoded, feature_cache["tokenizer"], seed)
+        encoded = _encoded(config, task, cache)
+        features = cache.get("pretrained") or probe_features(config, encoded, cache["tokenizer"], seed)
         if config.model.init == "pretrained":
-            feature_cache["pretrained"] = features
+            cache["pretrained"] = features
         run = run_probe(config, task, encoded, features, seed, run_dir / "probe")
     if run:
         run["seconds"] = round(time.perf_counter() - started, 1)
@@ -631,18 +767,21 @@ def _finetune_one(config: FinetuneConfig, task: Task, seed: int, run_dir: Path, 
 
 
 def _fingerprint(config: FinetuneConfig, seed: int) -> dict[str, Any]:
-    """What a finished run must match to be reused: every option that changes its result, and its seed."""
+    """What a finished run must match to be reused: every option that changes its result, and its seed. The grid
+    is not part of it (a run is one setting, already in `train`), so widening the grid reuses the runs it had."""
     fingerprint = json.loads(json.dumps({**cfg.to_dict(config), "seed": seed}))
-    for key in ("seeds", "keep_checkpoints", "hub"):  # hub: where to upload (and a token) change no score
+    for key in ("seeds", "keep_checkpoints", "hub", "grid"):  # hub: where to upload (and a token) change no score
         fingerprint.pop(key)
+    if fingerprint["label_budget"] is None:  # runs from before label budgets existed stay reusable
+        fingerprint.pop("label_budget")
     for key in ("output_dir", "progress_bar", "log_every", "report_to"):
         fingerprint["train"].pop(key)
     return fingerprint
 
 
-def _finished(config: FinetuneConfig, seed: int) -> dict[str, Any] | None:
+def _finished(config: FinetuneConfig, seed: int, run_dir: Path) -> dict[str, Any] | None:
     """The scores of a finished run of this config and seed, or None."""
-    scores_path = _run_dir(config, seed) / "scores.json"
+    scores_path = run_dir / "scores.json"
     if scores_path.is_file():
         saved = json.loads(scores_path.read_text())
         if saved.get("config") == _fingerprint(config, seed):
@@ -657,4 +796,4 @@ def _finished(config: FinetuneConfig, seed: int) -> dict[str, Any] | None:
 __all__ = ["EarlyStopping", "FinetuneConfig", "FinetuneModelConfig", "FinetuneResult", "ProbeConfig",
            "SequenceClassificationObjective", "add_scores_to_model_card", "build_classifier", "build_encoder",
            "encode_task", "eval_results_for", "extract_features", "finetune", "fit_logistic_regression",
-           "fit_ridge", "predict", "probe_features", "run_probe"]
+           "fit_ridge", "label_budget_rows", "predict", "probe_features", "run_probe"]
