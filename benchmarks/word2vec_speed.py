@@ -10,9 +10,13 @@ alike; the ratio is the median over repeats of torch / gensim within each repeat
 
 To show what limits the torch backend, the script also times its batch building alone (`collate`:
 subsampling, windows, negatives) and one training step split into forward, backward and the
-sparse SGD update -- for the fused step (`NegativeSamplingStep`) and, interleaved on the same
-batches, for the autograd formulation it replaced (`autograd_loss`) and, with `--baseline REV`, for the
-step as textssl/word2vec.py had it at git revision REV (the before/after profile).
+sparse SGD update -- for the step training runs (on CPU the compiled loop,
+`CompiledNegativeSamplingStep`) and, interleaved on the same batches, for the tensor-op step
+(`NegativeSamplingStep`, what GPUs run), for the autograd formulation both replaced (`autograd_loss`)
+and, with `--baseline REV`, for the step as textssl/word2vec.py had it at git revision REV (the
+before/after profile). "training loop ms per batch" is the loop's wall time per batch of that size
+(from its words/s); what it holds beyond the step is the trainer's own work between steps (receiving
+the batch, counts, optimizer and scheduler calls, logging).
 
 Runs unchanged on a GPU machine: Accelerate puts the model on the GPU, collate stays on CPU
 DataLoader workers.
@@ -120,9 +124,10 @@ def model_class_at(revision: str) -> type:
 
 
 def profile_torch_step(config_path: str, overrides: dict, steps: int = 20, baseline: str | None = None) -> dict:
-    """Seconds per batch of collate alone, and of forward / backward / SGD update for the fused step
-    (`NegativeSamplingStep`), for the autograd formulation it replaced and (`baseline`, a git revision)
-    for the step as it was then, interleaved on the same batches. On CPU the clock is the thread's CPU
+    """Seconds per batch of collate alone, and of forward / backward / SGD update for the step training
+    runs ("training": on CPU the compiled loop), for the tensor-op step (CPU only: it is the training step
+    elsewhere), for the autograd formulation they replaced and (`baseline`, a git revision) for the step as
+    it was then, interleaved on the same batches. On CPU the clock is the thread's CPU
     time (other processes' load does not count; one torch thread). Medians, and the fastest whole step."""
     from sslcore import config as cfg
     from sslcore.objective import LossContext
@@ -133,12 +138,16 @@ def profile_torch_step(config_path: str, overrides: dict, steps: int = 20, basel
     objective.prepare()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     clock = time.perf_counter if device.type == "cuda" else time.thread_time
-    models = {"fused": objective.build_model().to(device), "autograd": objective.build_model().to(device)}
+    models = {"training": objective.build_model().to(device)}
+    if device.type == "cpu":  # the tensor ops, which training runs on GPUs
+        models["tensor ops"] = objective.build_model().to(device)
+        models["tensor ops"].compiled = False
+    models["autograd"] = objective.build_model().to(device)
     if baseline:
         models[baseline] = objective.build_model().to(device)
         models[baseline].__class__ = model_class_at(baseline)  # same parameters and buffers, its own forward
-        models[baseline].load_state_dict(models["fused"].state_dict())
-    models["autograd"].load_state_dict(models["fused"].state_dict())
+    for model in models.values():
+        model.load_state_dict(models["training"].state_dict())
     optimizers = {name: objective.build_optimizer(model, config.train) for name, model in models.items()}
     losses = {name: lambda model, batch: objective.loss(model, batch, LossContext({}, 1))[0] for name in models}
     losses["autograd"] = lambda model, batch: autograd_loss(model, objective.unpack(batch))
@@ -237,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
         ratios = [t / g for t, g in zip(speeds["torch"], speeds["gensim"])]
         fit_ratios = [t / g for t, g in zip(speeds["torch_fit"], speeds["gensim"])]
         profile = profile_torch_step(args.config, _overrides(args, "torch", mode, 0), baseline=args.baseline)
-        step = sum(profile["fused"][key] for key in ("forward", "backward", "update"))
+        step = sum(profile["training"][key] for key in ("forward", "backward", "update"))
         report["modes"][mode] = {
             "gensim_words_per_s": statistics.median(speeds["gensim"]),
             "torch_words_per_s": statistics.median(speeds["torch"]),
@@ -247,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
             "torch_step_profile": profile,
             "collate_words_per_s": profile["words_per_batch"] / profile["collate"],
             "train_step_words_per_s": profile["words_per_batch"] / step,
+            "loop_seconds_per_batch": profile["words_per_batch"] / statistics.median(speeds["torch"]),
         }
     print(f"\nload average {report['load_average']:.1f} on {cores} cores at the start")
     print(f"| mode | gensim words/s | torch words/s (training loop) | torch / gensim (median of {args.repeats}) "
@@ -259,9 +269,11 @@ def main(argv: list[str] | None = None) -> dict:
     for mode, r in report["modes"].items():
         p = r["torch_step_profile"]
         print(f"\n{mode} torch step of {p['words_per_batch']:,} words, medians of {p['steps']} (collate alone "
-              f"{p['collate'] * 1e3:.1f} ms):\n| step | forward ms | backward ms | SGD update ms | total ms | fastest ms |"
+              f"{p['collate'] * 1e3:.1f} ms; training loop {r['loop_seconds_per_batch'] * 1e3:.1f} ms per batch "
+              "of these words):\n| step | forward ms | backward ms | SGD update ms | total ms | fastest ms |"
               "\n|---|---|---|---|---|---|")
-        for name in ("autograd", *([args.baseline] if args.baseline else []), "fused"):
+        for name in ("autograd", *([args.baseline] if args.baseline else []), *[n for n in ("tensor ops", "training")
+                                                                                   if n in p]):
             q = p[name]
             total = q["forward"] + q["backward"] + q["update"]
             print(f"| {name} | {q['forward'] * 1e3:.1f} | {q['backward'] * 1e3:.1f} | {q['update'] * 1e3:.1f} | "

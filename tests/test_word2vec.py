@@ -232,9 +232,27 @@ STEP_CASES = [("skipgram", True, None, True), ("skipgram", False, None, True), (
 """(mode, shared negatives, implicit updates, CBOW mean): the defaults of both modes and each option."""
 
 
+STEPS = {"compiled": "CompiledNegativeSamplingStepBackward", "tensor ops": "NegativeSamplingStepBackward"}
+"""The two implementations of the step (the compiled CPU loop, and the tensor ops GPUs run) by the name
+of the autograd node each leaves on the loss."""
+
+
+@pytest.fixture(scope="module")
+def compiled_kernel():
+    """The compiled CPU step, built (about a second) or found in torch's extensions cache. The tests need it
+    to exist: CI has g++, and a build failure must show, not fall back quietly."""
+    from textssl.word2vec import compiled_cpu_step
+
+    kernel = compiled_cpu_step()
+    assert kernel is not None, "the compiled word2vec step could not be built (see the log line above)"
+    return kernel
+
+
 @pytest.mark.parametrize("mode,shared,implicit,cbow_mean", STEP_CASES)
 @pytest.mark.parametrize("sparse", [True, False])
-def test_fused_step_matches_the_autograd_update(prepared, mode, shared, implicit, cbow_mean, sparse):
+@pytest.mark.parametrize("step", list(STEPS))
+def test_fused_step_matches_the_autograd_update(prepared, compiled_kernel, mode, shared, implicit, cbow_mean, sparse,
+                                                step):
     model_config = prepared.config.model
     saved = (model_config.mode, model_config.shared_negatives, model_config.implicit_updates, model_config.cbow_mean)
     model_config.mode, model_config.shared_negatives = mode, shared
@@ -248,6 +266,7 @@ def test_fused_step_matches_the_autograd_update(prepared, mode, shared, implicit
     finally:
         model_config.mode, model_config.shared_negatives, model_config.implicit_updates, model_config.cbow_mean = saved
         prepared.sparse = True
+    fused.compiled = step == "compiled"
     torch.manual_seed(0)
     for table in (fused.input_vectors, fused.output_vectors):  # trained-looking weights, not the zero init
         table.weight.data.normal_(0, 0.3)
@@ -259,11 +278,15 @@ def test_fused_step_matches_the_autograd_update(prepared, mode, shared, implicit
     def fused_loss(model):
         return model(batch["inputs"], batch["context_mask"], batch["targets"], batch["negative_mask"], batch["spans"])
 
+    with torch.no_grad():  # the loss alone (evaluation): no gradient work, the same value
+        loss_alone = fused_loss(fused)
     losses = []
     for model, loss in ((fused, fused_loss), (reference, lambda model: reference_loss(model, batch))):
         model.learning_rate.fill_(0.025)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.025)
         losses.append(loss(model))
+        if model is fused:
+            assert type(losses[-1].grad_fn).__name__ == STEPS[step]
         (2.0 * losses[-1]).backward()  # the scale a 2-process LossContext.sum puts on the loss
         assert model.input_vectors.weight.grad.is_sparse == (sparse and model is fused)
         if sparse and model is fused:  # each word's row arrives summed, once: sorted distinct ids
@@ -272,6 +295,7 @@ def test_fused_step_matches_the_autograd_update(prepared, mode, shared, implicit
                 assert torch.equal(ids, ids.unique())
         optimizer.step()
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss_alone, losses[1], rtol=1e-6, atol=0)
     for ours, theirs, before in zip((fused.input_vectors, fused.output_vectors),
                                     (reference.input_vectors, reference.output_vectors), start):
         moved = (theirs.weight.detach() - before).abs().max()
@@ -279,9 +303,10 @@ def test_fused_step_matches_the_autograd_update(prepared, mode, shared, implicit
         torch.testing.assert_close(ours.weight.detach(), theirs.weight.detach(), rtol=0, atol=1e-5 * float(moved))
 
 
-def test_implicit_updates_change_rare_words_little_and_tame_frequent_ones():
+@pytest.mark.parametrize("step", list(STEPS))
+def test_implicit_updates_change_rare_words_little_and_tame_frequent_ones(compiled_kernel, step):
     torch.manual_seed(0)
-    model = Word2VecModel(50, 8, sparse=False)
+    model = Word2VecModel(50, 8, sparse=False, compiled=step == "compiled")
     model.output_vectors.weight.data.normal_(0, 0.3)
     model.input_vectors.weight.data.normal_(0, 0.3)
     model.learning_rate.fill_(0.025)
@@ -292,11 +317,43 @@ def test_implicit_updates_change_rare_words_little_and_tame_frequent_ones():
     for implicit in (False, True):
         model.zero_grad()
         model.implicit_updates = implicit
-        model(inputs, mask, targets, negative_mask).backward()
+        loss = model(inputs, mask, targets, negative_mask)
+        assert type(loss.grad_fn).__name__ == STEPS[step]
+        loss.backward()
         grads[implicit] = model.output_vectors.weight.grad.clone()
     ratio = grads[True].norm(dim=1) / grads[False].norm(dim=1).clamp(min=1e-12)
     assert ratio[0] < 0.2  # 2,000 terms on word 0: its step is cut
     assert ratio[1:].min() > 0.9  # a handful of terms: nearly the plain sum
+
+
+def test_compiled_step_refuses_a_word_outside_the_vocabulary(compiled_kernel):
+    model = Word2VecModel(50, 8)
+    inputs, mask = torch.tensor([[3, 50]]), torch.ones(1, 2, dtype=torch.bool)
+    targets, negative_mask = torch.tensor([[4, 5]]), torch.ones(1, 1, dtype=torch.bool)
+    with pytest.raises(IndexError, match="input word id 50 is outside the vocabulary of 50 words"):
+        model(inputs, mask, targets, negative_mask)
+
+
+def test_without_a_compiler_the_tensor_step_runs_and_the_log_says_why(monkeypatch, caplog):
+    from textssl import _word2vec_kernel, word2vec
+
+    def no_compiler(verbose=False):
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
+
+    monkeypatch.setattr(_word2vec_kernel, "load", no_compiler)
+    monkeypatch.setattr(word2vec, "_compiled_step", None)  # as in a fresh process
+    model = Word2VecModel(50, 8)
+    inputs, mask = torch.tensor([[3, 7]]), torch.ones(1, 2, dtype=torch.bool)
+    targets, negative_mask = torch.tensor([[4, 5]]), torch.ones(1, 1, dtype=torch.bool)
+    with caplog.at_level("WARNING", logger="textssl.word2vec"):
+        for _ in range(2):
+            loss = model(inputs, mask, targets, negative_mask)
+            assert type(loss.grad_fn).__name__ == STEPS["tensor ops"]
+            loss.backward()
+    warnings = [r.getMessage() for r in caplog.records if "compiled CPU step" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # one line, not one per step
+    assert "no C++ compiler found" in warnings[0] and "tensor-op step" in warnings[0]
+    assert model.input_vectors.weight.grad is not None
 
 
 # -- training on both backends ----------------------------------------------------------------------

@@ -9,7 +9,8 @@ Two backends behind one config and one artifact:
   the word to predict and its negatives -- and
   `NegativeSamplingStep` scores them and writes both tables' gradients by hand (no autograd through
   the gathers: one batched product forward; backward gathers and sums each distinct word's rows with
-  `embedding_bag`, one sparse row per word), which plain SGD applies.
+  `embedding_bag`, one sparse row per word), which plain SGD applies. On CPU the same step runs as one
+  compiled loop over rows (`CompiledNegativeSamplingStep`, C++ built on first use), like word2vec.c's.
 - ``backend: gensim`` -- `gensim.models.Word2Vec` with the same options mapped over, for CPU users.
 
 What makes word2vec good is done as in word2vec.c (which gensim follows): words under `min_count`
@@ -535,8 +536,12 @@ def implicit_row_scales(ids: torch.Tensor, curvature: torch.Tensor, vocab_size: 
     gradient accumulation each micro-batch is scaled by its own curvature: the later ones are not known
     yet when it runs).
     """
-    total = torch.bincount(ids, weights=curvature.float(), minlength=vocab_size)
-    return 1.0 / (1.0 + learning_rate * all_reduce_sum(total))
+    return _implicit_scales(torch.bincount(ids, weights=curvature.float(), minlength=vocab_size), learning_rate)
+
+
+def _implicit_scales(curvature_per_word: torch.Tensor, learning_rate: torch.Tensor) -> torch.Tensor:
+    """1 / (1 + lr x each word's curvature summed over processes), from this process's (vocabulary,) totals."""
+    return 1.0 / (1.0 + learning_rate * all_reduce_sum(curvature_per_word))
 
 
 class NegativeSamplingStep(torch.autograd.Function):
@@ -748,6 +753,77 @@ def _word_gradient(words: torch.Tensor, sums: torch.Tensor, shape: torch.Size, s
     return sums.new_zeros(shape).index_copy_(0, words, sums)
 
 
+_compiled_step: Any = None
+"""The compiled CPU kernel's module once loaded; False when it cannot be built (see `compiled_cpu_step`)."""
+
+
+def compiled_cpu_step() -> Any | None:
+    """The compiled CPU step (`textssl._word2vec_kernel`), built on first use (about a second), once per
+    machine; None, with one log line saying why, where it cannot be built (no C++ compiler): the tensor-op
+    `NegativeSamplingStep` then runs instead, slower on CPU but the same update."""
+    global _compiled_step
+    if _compiled_step is None:
+        from textssl import _word2vec_kernel
+
+        started = time.perf_counter()
+        try:
+            _compiled_step = _word2vec_kernel.load()
+        except Exception as error:  # noqa: BLE001 - any build failure means: use the tensor ops
+            reason = " ".join(str(error).split())[:300] or type(error).__name__
+            logger.warning("word2vec: the compiled CPU step could not be built (%s); training uses the tensor-op "
+                           "step instead (the same update, slower on CPU). It needs a C++ compiler: install g++ or "
+                           "clang++, or point CXX at one.", reason)
+            _compiled_step = False
+        else:
+            logger.info("word2vec: compiled CPU step ready in %.1f s (%s build)", time.perf_counter() - started,
+                        "AVX2+FMA" if _compiled_step.uses_avx2() else "baseline")
+    return _compiled_step or None
+
+
+class CompiledNegativeSamplingStep(torch.autograd.Function):
+    """`NegativeSamplingStep` on CPU in one compiled pass over the rows (`textssl._word2vec_kernel`).
+
+    Per row it gathers (CBOW: pools) the input rows, scores them against the target's and the negatives'
+    output rows, and adds error x partner row into one summed row per distinct word of each table (its
+    curvature too, for the implicit step), as word2vec.c's loop does but without applying the update.
+    The tensor-op step's separate passes over (predictions x window x dim) tensors are what bound it on
+    CPU; here each row is read from the table and its gradient written once. Same inputs, loss and
+    gradients as `NegativeSamplingStep` (tests/test_word2vec.py checks both against autograd); `spans`
+    is not needed (slots outside a row's window are masked, and the loop skips them).
+    """
+
+    @staticmethod
+    def forward(ctx, input_weight: torch.Tensor, output_weight: torch.Tensor, inputs: torch.Tensor,
+                context_mask: torch.Tensor, targets: torch.Tensor, negative_mask: torch.Tensor,
+                learning_rate: torch.Tensor, options: StepOptions, kernel: Any) -> torch.Tensor:
+        grads = any(ctx.needs_input_grad[:2])
+        loss, input_words, input_sums, input_curvature, output_words, output_sums, output_curvature = \
+            kernel.negative_sampling_step(input_weight.detach(), output_weight.detach(), inputs.contiguous(),
+                                          context_mask.contiguous(), targets.contiguous(),
+                                          negative_mask.contiguous(), options.mode == "cbow", options.cbow_mean,
+                                          options.implicit, grads)
+        if grads and options.implicit:  # each word's summed row times its implicit-step scale
+            vocab = input_weight.shape[0]
+            for words, sums, curvature in ((input_words, input_sums, input_curvature),
+                                           (output_words, output_sums, output_curvature)):
+                totals = sums.new_zeros(vocab).index_copy_(0, words, curvature.float())
+                sums.mul_(_implicit_scales(totals, learning_rate).index_select(0, words).unsqueeze(1))
+        ctx.options, ctx.shapes = options, (input_weight.shape, output_weight.shape)
+        ctx.summed = (input_words, input_sums, output_words, output_sums) if grads else None
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        input_words, input_sums, output_words, output_sums = ctx.summed
+        ctx.summed = None
+        if float(grad_loss) != 1.0:  # the trainer's scale (the process count); CPU, so no device sync
+            input_sums, output_sums = input_sums * grad_loss, output_sums * grad_loss
+        sparse, (input_shape, output_shape) = ctx.options.sparse, ctx.shapes
+        return (_word_gradient(input_words, input_sums, input_shape, sparse) if ctx.needs_input_grad[0] else None,
+                _word_gradient(output_words, output_sums, output_shape, sparse) if ctx.needs_input_grad[1] else None,
+                None, None, None, None, None, None, None)
+
+
 class Word2VecModel(nn.Module):
     """Two embedding tables: input vectors (the word vectors exported) and output vectors (syn1neg).
 
@@ -756,12 +832,15 @@ class Word2VecModel(nn.Module):
     words (`inputs[n]`, valid where `context_mask[n]`) and 1 + K output words (`targets[n]`: the word to
     predict, then K negatives). Skip-gram scores every valid input against every output (m = 1 when
     negatives are drawn per pair); CBOW first pools the inputs. All gradient work happens here, so DDP
-    syncs it.
+    syncs it. On CPU the step is `CompiledNegativeSamplingStep` (unless `compiled` is false or the kernel
+    cannot be built), elsewhere `NegativeSamplingStep`: the same loss and update.
     """
 
     def __init__(self, vocab_size: int, vector_size: int, mode: str = "skipgram", sparse: bool = True,
-                 cbow_mean: bool = True, implicit_updates: bool = True):
+                 cbow_mean: bool = True, implicit_updates: bool = True, compiled: bool = True):
         super().__init__()
+        # On CPU, the compiled step when it can be built (`compiled_cpu_step`); the tensor ops elsewhere.
+        self.compiled = compiled
         # nn.Embedding for the parameter names checkpoints and exports use; the step gathers by hand.
         self.input_vectors = nn.Embedding(vocab_size, vector_size, sparse=sparse)
         self.output_vectors = nn.Embedding(vocab_size, vector_size, sparse=sparse)
@@ -778,6 +857,11 @@ class Word2VecModel(nn.Module):
                               implicit=self.implicit_updates and self.training and torch.is_grad_enabled())
         # float32 throughout: the update is lr x error x row, too small for half precision's mantissa.
         with torch.autocast(device_type=inputs.device.type, enabled=False):
+            kernel = compiled_cpu_step() if self.compiled and inputs.device.type == "cpu" else None
+            if kernel is not None and self.input_vectors.weight.dtype == torch.float32:
+                return CompiledNegativeSamplingStep.apply(
+                    self.input_vectors.weight, self.output_vectors.weight, inputs, context_mask, targets,
+                    negative_mask, self.learning_rate, options, kernel)
             return NegativeSamplingStep.apply(self.input_vectors.weight, self.output_vectors.weight, inputs,
                                               context_mask, targets, negative_mask, spans, self.learning_rate, options)
 
@@ -812,6 +896,8 @@ class Word2VecObjective(Objective):
         on_gpus = accelerator is not None and accelerator.device.type != "cpu"
         sparse = config.model.sparse_gradients
         self.sparse = sparse if sparse is not None else not (processes > 1 and on_gpus)
+        if not on_gpus:
+            compiled_cpu_step()  # built (first run on this machine) or loaded here, not inside the first step
         self.words_per_epoch = self._count_words()
         if config.epochs is not None:
             per_step = config.train.per_device_batch_size * processes
