@@ -1,15 +1,18 @@
 """Did speech pretraining pay? A wav2vec 2.0 upstream against the same architecture from random init, on the
 SUPERB-style speech tasks, with both protocols, over seeds.
 
-Optionally pretrains first (`--pretrain-steps N`): the `wav2vec2` objective on the Asterisk English prompts
-minus every validation/test clip of the tasks (`speechssl.tasks.write_pretraining_folder`), so no score is on
-audio the upstream heard. Then, for each task x protocol, `speechssl.finetune` runs the pretrained and the
+Optionally pretrains first (`--pretrain-steps N`): the `wav2vec2` objective on `--pretrain-sources` (default
+`speech-mixed`, 9.5 h; `asterisk-en` is the quick 0.4 h one) minus every validation/test clip of the tasks
+(`speechssl.tasks.write_pretraining_folder`), so no score is on audio the upstream heard. Then, for each task x protocol, `speechssl.finetune` runs the pretrained and the
 scratch arm with the same budget and seeds; the table, the seed plot and the statistics (delta, sigma,
 Welch p, verdict; lower CER is better) are `sslcore.compare`'s, shared with text and vision. A second plot
 shows the probe's learned layer weights.
 
-    # the full benchmark (about 30 min of pretraining on 2 cores, then 3 seeds per arm):
+    # the full benchmark (6000 steps: 53 min of pretraining on 2 shared cores, then 3 seeds per arm):
     OMP_NUM_THREADS=1 python benchmarks/speech_downstream.py --pretrain-steps 6000 --seeds 0 1 2
+    # the probe table in benchmarks/RESULTS_speech.md (keywords and speaker ID; the ASR probe takes much longer):
+    OMP_NUM_THREADS=1 python benchmarks/speech_downstream.py --pretrain-steps 6000 --protocols probe \
+        --tasks speech-keywords asterisk-speakers --seeds 0 1 2
     # a smoke run on an existing upstream:
     python benchmarks/speech_downstream.py --model runs/wav2vec2_tiny/model --tasks asterisk-speakers \
         --protocols probe --seeds 0 1 --results runs/speech_smoke/RESULTS_speech.md
@@ -36,12 +39,16 @@ from speechssl.finetune import PROTOCOL_NAMES, finetune
 TASKS = ("speech-keywords", "asterisk-speakers", "asterisk-en-asr")
 
 
-def pretrain_upstream(work_dir: Path, steps: int, seed: int, extra: list[str]) -> Path:
-    """The tiny wav2vec2 preset for `steps` steps on the held-out-free Asterisk English corpus; its model folder."""
+def pretrain_upstream(work_dir: Path, steps: int, seed: int, extra: list[str],
+                      sources: tuple[str, ...] = ("speech-mixed",)) -> Path:
+    """The tiny wav2vec2 preset for `steps` steps on `sources` minus every validation/test clip of the tasks; its
+    model folder."""
     from sslcore.api import build_config, pretrain
     from speechssl.tasks import write_pretraining_folder
 
-    corpus = write_pretraining_folder(work_dir / "pretraining_audio")
+    corpus = work_dir / "pretraining_audio"
+    if not corpus.is_dir():  # ~15k WAV files for speech-mixed: written once per work dir
+        write_pretraining_folder(corpus, sources=sources)
     out = work_dir / "wav2vec2_tiny"
     if (out / "model" / "config.json").is_file() and (out / "pretrain_seconds.json").is_file():
         print(f"reusing the pretrained upstream in {out}", flush=True)
@@ -49,7 +56,7 @@ def pretrain_upstream(work_dir: Path, steps: int, seed: int, extra: list[str]) -
     config = build_config("recipes/configs/wav2vec2_tiny.yaml", [
         "--data.sources", f"[{corpus}]", "--train.max_steps", str(steps), "--train.seed", str(seed),
         "--train.output_dir", str(out), "--train.report_to", "[]", "--train.progress_bar", "false",
-        "--train.save_every", str(max(steps // 4, 1)), "--train.eval_every", str(max(steps // 6, 1)), *extra])
+        "--train.save_every", "500", "--train.resume", "auto", "--train.eval_every", str(max(steps // 6, 1)), *extra])
     started = time.perf_counter()
     pretrain(config)
     (out / "pretrain_seconds.json").write_text(json.dumps({"seconds": round(time.perf_counter() - started, 1)}))
@@ -103,6 +110,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="an existing wav2vec2 model folder (else --pretrain-steps pretrains one)")
     parser.add_argument("--pretrain-steps", type=int, default=0, help="pretrain the tiny preset this many steps first")
+    parser.add_argument("--pretrain-sources", nargs="+", default=["speech-mixed"],
+                        help="audio sources to pretrain on, minus every validation/test clip of the tasks "
+                             "(default: %(default)s; asterisk-en is the quick one)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
     parser.add_argument("--protocols", nargs="+", default=["probe", "full"], choices=["probe", "full"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -120,7 +130,7 @@ def main() -> None:
     if args.model:
         model = Path(args.model)
     elif args.pretrain_steps:
-        model = pretrain_upstream(work_dir, args.pretrain_steps, seed=0, extra=[])
+        model = pretrain_upstream(work_dir, args.pretrain_steps, seed=0, extra=[], sources=tuple(args.pretrain_sources))
     else:
         parser.error("give --model (a wav2vec2 folder) or --pretrain-steps N")
 
