@@ -20,32 +20,14 @@ with status 2; `--debug` shows the traceback.
 
 from __future__ import annotations
 
-from sslcore import config as cfg
-from sslcore.api import split_cli
-from sslcore.errors import DEBUG_HELP, run_cli
+from sslcore.api import finetune_main
 from textssl.finetune import build_finetune_config, finetune
 from textssl.tasks import describe_tasks
 
-USAGE = f"usage: recipes/finetune.py --config FILE [--section.key VALUE ...] [--debug] [--help]\n\n{DEBUG_HELP}."
-
-
-def _main(argv: list[str]):
-    path, overrides, show_help = split_cli(argv)
-    config = build_finetune_config(path, overrides)
-    if show_help:
-        print(USAGE, "\n\noptions, with the values this run would use (defaults, then the YAML, then your overrides;"
-                     " `default` shown where it differs):")
-        print("\n".join(cfg.describe(config)))
-        print("\nbuilt-in tasks (task.name):")
-        print("\n".join(f"  {name}: {line}" for name, line in describe_tasks().items()))
-        return None
-    result = finetune(config=config)
-    print(result.summary())
-    return result
-
 
 def main(argv: list[str] | None = None):
-    return run_cli(_main, argv)
+    return finetune_main(argv, script="recipes/finetune.py", build_config=build_finetune_config, finetune=finetune,
+                         catalogue_title="built-in tasks (task.name)", catalogue=describe_tasks)
 
 
 if __name__ == "__main__":

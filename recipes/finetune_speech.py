@@ -17,33 +17,20 @@ exits with status 2; `--debug` shows the traceback.
 
 from __future__ import annotations
 
-from sslcore import config as cfg
-from sslcore.api import split_cli  # the --config/--help parsing every recipe shares
-from sslcore.errors import DEBUG_HELP, run_cli
+from sslcore.api import finetune_main
 from speechssl.finetune import build_speech_finetune_config, finetune
 from speechssl.tasks import describe_speech_tasks
 
-USAGE = f"usage: recipes/finetune_speech.py [--config FILE] [--section.key VALUE ...] [--debug] [--help]\n\n{DEBUG_HELP}."
 
-
-def _main(argv: list[str]):
-    path, overrides, show_help = split_cli(argv)
-    config = build_speech_finetune_config(path, overrides)
-    if show_help:
-        print(USAGE, "\n\noptions, with the values this run would use:")
-        print("\n".join(cfg.describe(config)))
-        print("\nbuilt-in speech tasks (task.name):")
-        print("\n".join(f"  {name}: {line}" for name, line in describe_speech_tasks().items()))
-        return None
-    result = finetune(config=config)
-    print(result.summary())
+def print_layer_weights(result) -> None:
     if result.layer_weights:
         print("learned layer weights per seed (0 = CNN features):", result.layer_weights)
-    return result
 
 
 def main(argv: list[str] | None = None):
-    return run_cli(_main, argv)
+    return finetune_main(argv, script="recipes/finetune_speech.py", build_config=build_speech_finetune_config,
+                         finetune=finetune, catalogue_title="built-in speech tasks (task.name)",
+                         catalogue=describe_speech_tasks, report=print_layer_weights)
 
 
 if __name__ == "__main__":

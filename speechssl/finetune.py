@@ -32,8 +32,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,13 +56,14 @@ from transformers import (
 from sslcore import config as cfg
 from sslcore.errors import MissingPathError
 from sslcore.finetune import (EarlyStopping, EarlyStoppingConfig, FinetuneResult, FinetuneTrainConfig, GridConfig,
-                              add_scores_to_model_card, apply_setting, select_on_validation, setting_tag)
-from sslcore.hub import write_model_card
-from sslcore.objective import LossContext, Objective, Ratio
+                              select_on_validation, setting_tag)
+from sslcore.finetune_runs import (EarlyStoppingObjective, build_run_config, check_seeds, finetune_keywords,
+                                   per_seed_scores, quiet_load_report, save_result, seed_config, seed_run_dir,
+                                   train_with_early_stopping, with_setting, write_scores)
+from sslcore.objective import LossContext, Ratio
 from sslcore.registry import register_objective
 from sslcore.run_config import RunConfig
 from sslcore.splits import stratified_subset
-from sslcore.trainer import NonFiniteLossError, Trainer
 from speechssl.metrics import LOWER_IS_BETTER, better, compute_speech_metrics
 from speechssl.tasks import SAMPLING_RATE, SpeechTask, SpeechTaskConfig, load_speech_task
 
@@ -213,14 +212,8 @@ def load_feature_extractor(model: SpeechModelConfig) -> Wav2Vec2FeatureExtractor
 def build_upstream(model: SpeechModelConfig) -> Wav2Vec2Model:
     """`Wav2Vec2Model` from the checkpoint (its pretraining heads dropped) or the same config, fresh."""
     if model.init == "pretrained":
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # the unused quantizer/projection weights are expected
-        try:
+        with quiet_load_report():  # the unused quantizer/projection weights are expected
             return Wav2Vec2Model.from_pretrained(model.path)
-        finally:
-            hf_logging.set_verbosity(verbosity)
     return Wav2Vec2Model(upstream_config(model))
 
 
@@ -473,7 +466,7 @@ def run_probe(config: SpeechFinetuneConfig, task: SpeechTask, features: dict[str
 
 
 @register_objective
-class SpeechFinetuneObjective(Objective):
+class SpeechFinetuneObjective(EarlyStoppingObjective):
     """Supervised fine-tuning of `Wav2Vec2ForSequenceClassification` / `Wav2Vec2ForCTC` on a speech task,
     conv feature encoder frozen, on the shared trainer (accumulation, clipping, schedules, checkpoints)."""
 
@@ -484,7 +477,6 @@ class SpeechFinetuneObjective(Objective):
 
     def __init__(self, config: SpeechFinetuneConfig):
         super().__init__(config)
-        self.early_stopping: EarlyStopping | None = None
         self.tokenizer: Wav2Vec2CTCTokenizer | None = None
 
     def prepare(self, accelerator=None) -> None:
@@ -536,14 +528,8 @@ class SpeechFinetuneObjective(Objective):
                        "layerdrop": 0.0}
             cls = Wav2Vec2ForSequenceClassification
         if model_config.init == "pretrained":
-            from transformers.utils import logging as hf_logging
-
-            verbosity = hf_logging.get_verbosity()
-            hf_logging.set_verbosity_error()  # the new head and the dropped pretraining heads are expected
-            try:
+            with quiet_load_report():  # the new head and the dropped pretraining heads are expected
                 model = cls.from_pretrained(model_config.path, **options)
-            finally:
-                hf_logging.set_verbosity(verbosity)
         else:
             model = cls(upstream_config(model_config, **options))
         if model_config.freeze_feature_encoder:
@@ -584,63 +570,24 @@ class SpeechFinetuneObjective(Objective):
         model.train(was_training)
         return compute_speech_metrics(self.task.metrics, predictions, _targets_of(self.task, split))
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.early_stopping.state_dict() if self.early_stopping is not None else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.early_stopping is not None:
-            self.early_stopping.load_state_dict(state)
-
     def export(self, model: nn.Module, out_dir: Path, summary: dict[str, Any]) -> Path:
         """The best validation weights as a stock transformers folder that `pipeline()` loads: with a
         `Wav2Vec2Processor` (feature extractor + character tokenizer) for ASR, the feature extractor for
         classification; and a model card."""
-        if self.early_stopping is not None:
-            self.early_stopping.restore_best(model)
         out_dir = Path(out_dir)
-        model.save_pretrained(out_dir)
+        metrics = self.save_best(model, out_dir, summary)
         if self.asr:
             Wav2Vec2Processor(feature_extractor=self.extractor, tokenizer=self.tokenizer).save_pretrained(out_dir)
         else:
             self.extractor.save_pretrained(out_dir)
-        stopping = self.early_stopping
-        metrics = {k: v for k, v in summary.items() if isinstance(v, int | float)}
-        if stopping is not None and stopping.best:
-            metrics.update({f"best_validation_{k}": v for k, v in stopping.best.items()})
-            metrics["best_step"] = stopping.best_step
         pipeline_tag = "automatic-speech-recognition" if self.asr else "audio-classification"
-        init = "pretrained from" if self.config.model.init == "pretrained" else "randomly initialised like"
-        write_model_card(
-            out_dir, model_name=f"{Path(self.config.model.path).name}-{self.task.name}",
-            summary=f"{type(model).__name__} ({init} `{self.config.model.path}`) fine-tuned on {self.task.name} "
-                    f"(conv feature encoder frozen; best validation {stopping.metric if stopping else ''} kept).",
-            config=cfg.to_dict(self.config), training_data=self.task.description, metrics=metrics,
-            pipeline_tag=pipeline_tag, tags=["audio", "speech", "wav2vec2", pipeline_tag, self.task.name],
+        self.write_card(
+            model, out_dir, metrics, task_name=self.task.name, detail="conv feature encoder frozen",
+            training_data=self.task.description, pipeline_tag=pipeline_tag,
+            tags=["audio", "speech", "wav2vec2", pipeline_tag, self.task.name],
             usage=f'from transformers import pipeline\nrun = pipeline("{pipeline_tag}", model="{out_dir}")\n'
                   'print(run({"raw": waveform_16khz, "sampling_rate": 16000}))')
         return out_dir
-
-
-def _run_full(config: SpeechFinetuneConfig, seed: int, run_dir: Path) -> tuple[dict[str, Any], SpeechFinetuneObjective]:
-    """One full fine-tuning run: trained with early stopping on validation, the best weights exported; the test
-    split is not touched (only the setting chosen on validation is scored on it). Returns the run and its
-    objective (which scores the exported model later)."""
-    run_config = copy.deepcopy(config)
-    run_config.train.seed, run_config.train.output_dir = seed, str(run_dir)
-    objective = SpeechFinetuneObjective(run_config)
-
-    def validate(trainer, step: int) -> dict[str, float]:  # early stopping exists once fit() has prepared
-        return objective.early_stopping(trainer, step)
-
-    trainer = Trainer(objective, callbacks=[validate])
-    fit = trainer.fit()
-    stopper = objective.early_stopping
-    assert stopper is not None and stopper.best is not None  # the trainer always evaluates at the end
-    stopper.best_state = None  # exported already; a grid keeps many objectives
-    if not config.keep_checkpoints and trainer.accelerator.is_main_process:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    return ({"validation": stopper.best, "steps": fit.step, "model_dir": str(fit.export_dir or run_dir / "model"),
-             "train_rows": len(objective.train_rows)}, objective)
 
 
 def _score_exported(objective: SpeechFinetuneObjective, model_dir: str) -> dict[str, float]:
@@ -658,10 +605,7 @@ def _score_exported(objective: SpeechFinetuneObjective, model_dir: str) -> dict[
 def build_speech_finetune_config(config: SpeechFinetuneConfig | str | Path | None = None,
                                  overrides: dict[str, Any] | list[str] | None = None) -> SpeechFinetuneConfig:
     """Defaults, then a YAML preset (or a config object), then overrides (CLI list or nested dict)."""
-    values = cfg.to_dict(config) if isinstance(config, SpeechFinetuneConfig) else cfg.read_yaml(config) if config else {}
-    if overrides:
-        values = cfg.merge(values, cfg.parse_overrides(overrides) if isinstance(overrides, list) else overrides)
-    return cfg.build(SpeechFinetuneConfig, values)
+    return build_run_config(SpeechFinetuneConfig, config, overrides)
 
 
 def finetune(model: str | None = None, task: str | SpeechTaskConfig | None = None, protocol: Protocol | None = None,
@@ -675,25 +619,10 @@ def finetune(model: str | None = None, task: str | SpeechTaskConfig | None = Non
     with the best mean validation score and scores only its models on test (`result.selection`). The full
     protocol's fine-tuned models gain their scores in their model cards.
     """
-    keywords: dict[str, Any] = {}
-    if model is not None:
-        keywords.setdefault("model", {})["path"] = str(model)
-    if init is not None:
-        keywords.setdefault("model", {})["init"] = init
-    if task is not None:
-        keywords["task"] = cfg.to_dict(task) if isinstance(task, SpeechTaskConfig) else {"name": task}
-    if protocol is not None:
-        keywords["protocol"] = protocol
-    if seeds is not None:
-        keywords["seeds"] = list(seeds)
-    if output_dir is not None:
-        keywords["train"] = {"output_dir": str(output_dir)}
-    config = build_speech_finetune_config(config, overrides)
-    config = cfg.build(SpeechFinetuneConfig, cfg.merge(cfg.to_dict(config), keywords))
-    if not config.seeds:
-        raise cfg.ConfigError("seeds is empty; give at least one seed, e.g. seeds=[0]")
-    if len(set(config.seeds)) != len(config.seeds):
-        raise cfg.ConfigError(f"seeds={config.seeds} repeats a seed; a repeated seed is the same run, not another sample")
+    task_keys = cfg.to_dict(task) if isinstance(task, SpeechTaskConfig) else None if task is None else {"name": task}
+    keywords = finetune_keywords(model, init, seeds, output_dir, task=task_keys, protocol=protocol)
+    config = build_run_config(SpeechFinetuneConfig, config, overrides, keywords)
+    check_seeds(config.seeds)
     check_model_path(config.model)
     task_data = load_speech_task(config.task)
     metric = config.early_stopping.metric or task_data.main_metric
@@ -702,14 +631,10 @@ def finetune(model: str | None = None, task: str | SpeechTaskConfig | None = Non
                          f"of {task_data.metrics}")
     if config.label_budget is not None:
         training_rows(task_data, config.model, config.label_budget, config.seeds[0])  # a bad budget fails now
-    def run_dir_of(seed: int, setting: dict[str, Any] | None = None) -> Path:
-        parts = [config.protocol, config.model.init, "" if config.label_budget is None else f"labels{config.label_budget}",
-                 setting_tag(setting or {}), f"seed{seed}"]
-        return Path(config.train.output_dir) / "-".join(part for part in parts if part)
 
-    def save(run: dict[str, Any], run_dir: Path) -> None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "scores.json").write_text(json.dumps(run, indent=1))
+    def run_dir_of(seed: int, setting: dict[str, Any] | None = None) -> Path:
+        return seed_run_dir(config.train.output_dir, config.protocol, config.model.init, config.label_budget, seed,
+                            setting)
 
     every_run: list[dict[str, Any]] = []  # the grid's runs too: the arm's cost includes its search
     selection = None
@@ -723,54 +648,44 @@ def finetune(model: str | None = None, task: str | SpeechTaskConfig | None = Non
                 pretrained_features = features
             run = run_probe(config, task_data, features, seed, run_dir_of(seed) / "probe")
             run["seconds"] = round(time.perf_counter() - started, 1)
-            save(run, run_dir_of(seed))
+            write_scores(run_dir_of(seed), run)
             runs.append(run)
         every_run = runs
     else:
         objectives: dict[tuple[str, int], SpeechFinetuneObjective] = {}
 
         def train(setting: dict[str, Any], seed: int) -> dict[str, Any]:
-            run_config = copy.copy(config)
-            run_config.train = apply_setting(config.train, setting)
+            """One full fine-tuning run: early stopping on validation, the best weights exported; the test split is
+            not touched (only the setting chosen on validation is scored on it, by its run's objective)."""
+            run_dir = run_dir_of(seed, setting)
+            objective = SpeechFinetuneObjective(seed_config(with_setting(config, setting), seed, run_dir))
             started = time.perf_counter()
-            try:
-                run, objectives[setting_tag(setting), seed] = _run_full(run_config, seed, run_dir_of(seed, setting))
-            except NonFiniteLossError as error:
-                if not config.grid.searches:
-                    raise
-                logger.warning("grid setting %s, seed %d failed: %s", setting, seed, str(error).splitlines()[0])
-                run = {"failed": str(error).splitlines()[0][:300], "validation": {}, "steps": 0, "model_dir": ""}
+            run = train_with_early_stopping(objective, run_dir, config.keep_checkpoints,
+                                            tolerate_failure=config.grid.searches)
+            if not run.get("failed"):
+                run["train_rows"] = len(objective.train_rows)
+                objectives[setting_tag(setting), seed] = objective
             run["seconds"] = round(time.perf_counter() - started, 1)
-            save(run, run_dir_of(seed, setting))
+            write_scores(run_dir, run)
             every_run.append(run)
             return run
 
         def score_test(setting: dict[str, Any], seed: int, run: dict[str, Any]) -> dict[str, float]:
             test = _score_exported(objectives[setting_tag(setting), seed], run["model_dir"])
-            save({**run, "test": test}, run_dir_of(seed, setting))
+            write_scores(run_dir_of(seed, setting), {**run, "test": test})
             return test
 
         selection, runs = select_on_validation(config.grid.settings(), config.seeds, train, score_test, metric,
                                                lower_is_better=metric in LOWER_IS_BETTER)
     result = SpeechFinetuneResult(
         task=task_data.name, protocol=config.protocol, model=config.model.path, init=config.model.init,
-        seeds=list(config.seeds), main_metric=metric,
-        test={m: [r["test"][m] for r in runs] for m in task_data.metrics},
-        validation={m: [r["validation"].get(m, math.nan) for r in runs] for m in task_data.metrics},
-        model_dirs=[r["model_dir"] for r in runs], steps=[r["steps"] for r in runs],
+        seeds=list(config.seeds), main_metric=metric, **per_seed_scores(runs, task_data.metrics),
         output_dir=config.train.output_dir, dataset_id=task_data.dataset_id,
         seconds=sum(r["seconds"] for r in every_run),
         task_type="automatic-speech-recognition" if task_data.problem == "asr" else "audio-classification",
         lower_is_better=metric in LOWER_IS_BETTER, layer_weights=[r.get("layer_weights", []) for r in runs],
         selection=selection, label_budget=config.label_budget, train_examples=[r["train_rows"] for r in runs])
-    if config.protocol == "full":
-        for model_dir in result.model_dirs:
-            add_scores_to_model_card(model_dir, result)
-    Path(config.train.output_dir).mkdir(parents=True, exist_ok=True)
-    budget = "" if config.label_budget is None else f"-labels{config.label_budget}"
-    (Path(config.train.output_dir) / f"{config.protocol}-{config.model.init}{budget}-result.json").write_text(
-        json.dumps(result.to_dict(), indent=1))
-    logger.info("%s", result.summary())
+    save_result(result, model_cards=config.protocol == "full")
     return result
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -115,4 +116,37 @@ def _main(argv: list[str]) -> TrainResult | None:
 
 def main(argv: list[str] | None = None) -> TrainResult | None:
     """The command line: a mistake in it, the config or a path prints one line and exits with status 2."""
+    return run_cli(_main, argv)
+
+
+def finetune_main(argv: list[str] | None, *, script: str, build_config: Callable[[str | None, list[str]], Any],
+                  finetune: Callable[..., Any], catalogue_title: str,
+                  catalogue: Callable[[], Mapping[str, str] | Iterable[str]],
+                  report: Callable[[Any], None] | None = None) -> Any:
+    """The command line of every `recipes/finetune*.py`: parse `--config`/`--help`/overrides, print the options
+    with the values the run would use and the modality's catalogue (tasks, image sources) on `--help`, else run
+    `finetune(config=...)` and print its summary (then `report(result)`, when given). A mistake prints one line
+    and exits with status 2 (`run_cli`)."""
+
+    def _main(args: list[str]):
+        path, overrides, show_help = split_cli(args)
+        config = build_config(path, overrides)
+        if show_help:
+            print(f"usage: {script} [--config FILE] [--section.key VALUE ...] [--debug] [--help]\n\n{DEBUG_HELP}.\n\n"
+                  "options, with the values this run would use (defaults, then the YAML, then your overrides; "
+                  "`default` shown where it differs):")
+            print("\n".join(cfg.describe(config)))
+            entries = catalogue()
+            print(f"\n{catalogue_title}:")
+            if isinstance(entries, Mapping):
+                print("\n".join(f"  {name}: {line}" for name, line in entries.items()))
+            else:
+                print("  " + ", ".join(entries))
+            return None
+        result = finetune(config=config)
+        print(result.summary())
+        if report is not None:
+            report(result)
+        return result
+
     return run_cli(_main, argv)

@@ -14,7 +14,7 @@ downstream scores written into model cards.
   with what its model selection tried and chose, and its label budget.
 - `add_scores_to_model_card`: model-index metadata and a "Downstream results" table in README.md.
 
-`textssl.finetune` and `speechssl.finetune` build on these.
+`textssl.finetune`, `speechssl.finetune` and `visionssl.finetune` build on these (their seed loop through `sslcore.finetune_runs`).
 """
 
 from __future__ import annotations

@@ -31,13 +31,9 @@ nested (a seed's 100 are among its 300): the points of a label-budget curve (`be
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 import logging
-import math
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +47,6 @@ from accelerate.utils import set_seed
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
-import transformers
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -64,15 +59,15 @@ from transformers import (
 from sslcore import config as cfg
 from sslcore.errors import MissingPathError
 from sslcore.finetune import (EarlyStopping, EarlyStoppingConfig, FinetuneTrainConfig, GridConfig, Selection,
-                              add_scores_to_model_card, apply_setting, eval_results_for, select_on_validation,
-                              setting_tag)
+                              add_scores_to_model_card, eval_results_for, select_on_validation)
 from sslcore.finetune import FinetuneResult as SharedFinetuneResult
-from sslcore.hub import write_model_card
-from sslcore.objective import LossContext, Objective, Ratio
+from sslcore.finetune_runs import (EarlyStoppingObjective, build_run_config, check_seeds, finetune_keywords,
+                                   launch_state, per_seed_scores, quiet_load_report, save_result, seed_config,
+                                   seed_run_dir, train_with_early_stopping, with_setting, write_scores)
+from sslcore.objective import LossContext, Ratio
 from sslcore.registry import register_objective
 from sslcore.run_config import RunConfig
 from sslcore.splits import stratified_subset
-from sslcore.trainer import NonFiniteLossError, Trainer, _multi_process_without_gpu
 from sslcore.metrics import compute_metrics
 from textssl.tasks import Task, TaskConfig, load_task
 
@@ -233,18 +228,6 @@ def _label_config(task: Task) -> dict[str, Any]:
             "label2id": {name: i for i, name in enumerate(task.label_names)}}
 
 
-@contextlib.contextmanager
-def _quiet_load_report():
-    """transformers prints a load report per `from_pretrained` listing the new head and the unused
-    pretraining heads; both are expected here, and a benchmark loads the checkpoint dozens of times."""
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-
-
 def build_classifier(model: FinetuneModelConfig, task: Task, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
     """`AutoModelForSequenceClassification` from the checkpoint, or the same config with fresh weights."""
     options = _label_config(task)
@@ -252,7 +235,7 @@ def build_classifier(model: FinetuneModelConfig, task: Task, tokenizer: PreTrain
         options["classifier_dropout"] = model.classifier_dropout
     options["pad_token_id"] = tokenizer.pad_token_id
     if model.init == "pretrained":
-        with _quiet_load_report():
+        with quiet_load_report():
             return AutoModelForSequenceClassification.from_pretrained(
                 model.path, trust_remote_code=model.trust_remote_code, **options)
     config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code, **options)
@@ -262,7 +245,7 @@ def build_classifier(model: FinetuneModelConfig, task: Task, tokenizer: PreTrain
 def build_encoder(model: FinetuneModelConfig) -> nn.Module:
     """The bare encoder (`AutoModel`) for the probe: from the checkpoint or freshly initialised."""
     if model.init == "pretrained":
-        with _quiet_load_report():
+        with quiet_load_report():
             return AutoModel.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
     config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
     return AutoModel.from_config(config, trust_remote_code=model.trust_remote_code)
@@ -312,7 +295,7 @@ def predict(model: nn.Module, dataset, collator, batch_size: int, accelerator=No
 
 
 @register_objective
-class SequenceClassificationObjective(Objective):
+class SequenceClassificationObjective(EarlyStoppingObjective):
     """Supervised fine-tuning of `AutoModelForSequenceClassification` on a task (not a pretext task,
     but the same trainer: accumulation, clipping, schedules, checkpoints and multi-process come free)."""
 
@@ -320,10 +303,6 @@ class SequenceClassificationObjective(Objective):
     config_class = FinetuneConfig
     unit = "samples"
     config: FinetuneConfig
-
-    def __init__(self, config: FinetuneConfig):
-        super().__init__(config)
-        self.early_stopping: EarlyStopping | None = None
 
     def prepare(self, accelerator=None) -> None:
         self.task = load_task(self.config.task)
@@ -366,35 +345,15 @@ class SequenceClassificationObjective(Objective):
             return total, {}
         return total, {"accuracy": Ratio((out.logits.detach().argmax(-1) == batch["labels"]).sum(), rows)}
 
-    def state_dict(self) -> dict[str, Any]:
-        """Early stopping's state (best scores, step, weights, patience count): a resumed run must keep the
-        best weights it had seen and stop when the uninterrupted run would."""
-        return self.early_stopping.state_dict() if self.early_stopping is not None else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.early_stopping is not None:
-            self.early_stopping.load_state_dict(state)
-
     def export(self, model: nn.Module, out_dir: Path, summary: dict[str, Any]) -> Path:
         """The best validation weights as a stock transformers folder, with a model card."""
-        if self.early_stopping is not None:
-            self.early_stopping.restore_best(model)
         out_dir = Path(out_dir)
-        model.save_pretrained(out_dir)
+        metrics = self.save_best(model, out_dir, summary)
         self.tokenizer.save_pretrained(out_dir)
-        best = self.early_stopping.best if self.early_stopping else None
-        metrics = {k: v for k, v in summary.items() if isinstance(v, int | float)}
-        if best:
-            metrics.update({f"best_validation_{k}": v for k, v in best.items()})
-            metrics["best_step"] = self.early_stopping.best_step
-        init = "pretrained from" if self.config.model.init == "pretrained" else "randomly initialised like"
-        write_model_card(
-            out_dir, model_name=f"{Path(self.config.model.path).name}-{self.task.name}",
-            summary=f"{type(model).__name__} ({init} `{self.config.model.path}`) fine-tuned on "
-                    f"{self.task.name} (all weights, best validation {self.early_stopping.metric if best else ''} "
-                    f"kept).",
-            config=cfg.to_dict(self.config), training_data=self.task.description, metrics=metrics,
-            pipeline_tag="text-classification", tags=["text-classification", self.task.name],
+        self.write_card(
+            model, out_dir, metrics, task_name=self.task.name, detail="all weights",
+            training_data=self.task.description, pipeline_tag="text-classification",
+            tags=["text-classification", self.task.name],
             usage=f'from transformers import pipeline\nclassify = pipeline("text-classification", model="{out_dir}")\n'
                   f'print(classify("{_example_text(self.task)}"))')
         return out_dir
@@ -560,39 +519,7 @@ class FinetuneResult(SharedFinetuneResult):
 
 def _run_dir(config: FinetuneConfig, seed: int, setting: dict[str, Any] | None = None) -> Path:
     """`<output_dir>/<protocol>-<init>[-labels<N>][-<grid setting>]-seed<N>`, e.g. `full-random-labels100-lr1e-3-seed0`."""
-    parts = [config.protocol, config.model.init, _budget_tag(config), setting_tag(setting or {}), f"seed{seed}"]
-    return Path(config.train.output_dir) / "-".join(part for part in parts if part)
-
-
-def _budget_tag(config: FinetuneConfig) -> str:
-    return "" if config.label_budget is None else f"labels{config.label_budget}"
-
-
-def _with_setting(config: FinetuneConfig, setting: dict[str, Any]) -> FinetuneConfig:
-    """The config of one grid setting: its values in `train`."""
-    run_config = copy.copy(config)
-    run_config.train = apply_setting(config.train, setting)
-    return run_config
-
-
-def _run_full(config: FinetuneConfig, seed: int, run_dir: Path) -> dict[str, Any]:
-    """One full fine-tuning run: trained with early stopping on validation, the best weights exported. The test
-    split is not touched here: only the setting chosen on validation is scored on it (`_score_test`)."""
-    run_config = copy.deepcopy(config)
-    run_config.train.seed, run_config.train.output_dir = seed, str(run_dir)
-    objective = SequenceClassificationObjective(run_config)
-    # EarlyStopping needs the task, which exists only once fit() has called prepare(): look it up per call.
-    def validate(trainer, step: int) -> dict[str, float]:
-        return objective.early_stopping(trainer, step)
-
-    trainer = Trainer(objective, callbacks=[validate])
-    fit = trainer.fit()
-    stopper = objective.early_stopping
-    assert stopper is not None and stopper.best is not None  # the trainer always evaluates at the end
-    if not config.keep_checkpoints and trainer.accelerator.is_main_process:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    return {"validation": stopper.best, "model_dir": str(fit.export_dir or run_dir / "model"), "steps": fit.step,
-            "best_step": stopper.best_step, "train_rows": len(objective.encoded["train"])}
+    return seed_run_dir(config.train.output_dir, config.protocol, config.model.init, config.label_budget, seed, setting)
 
 
 def _encoded(config: FinetuneConfig, task: Task, cache: dict[str, Any]):
@@ -614,7 +541,7 @@ def _score_test(config: FinetuneConfig, task: Task, run: dict[str, Any], run_dir
         objective.tokenizer = cache["tokenizer"]
         objective.collator = DataCollatorWithPadding(objective.tokenizer)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        with _quiet_load_report():
+        with quiet_load_report():
             model = AutoModelForSequenceClassification.from_pretrained(run["model_dir"]).to(device)
         test = objective.score(model, "test")
         scores_path.write_text(json.dumps({**json.loads(scores_path.read_text()), "test": test}, indent=1))
@@ -634,10 +561,7 @@ def _probe_selection(config: FinetuneConfig, runs: list[dict[str, Any]], metric:
 def build_finetune_config(config: FinetuneConfig | str | Path | None = None,
                           overrides: dict[str, Any] | list[str] | None = None) -> FinetuneConfig:
     """Defaults, then a YAML preset (or a config object), then overrides (CLI list or nested dict)."""
-    values = cfg.to_dict(config) if isinstance(config, FinetuneConfig) else cfg.read_yaml(config) if config else {}
-    if overrides:
-        values = cfg.merge(values, cfg.parse_overrides(overrides) if isinstance(overrides, list) else overrides)
-    return cfg.build(FinetuneConfig, values)
+    return build_run_config(FinetuneConfig, config, overrides)
 
 
 def finetune(model: str | None = None, task: str | TaskConfig | None = None, protocol: Protocol | None = None,
@@ -654,29 +578,12 @@ def finetune(model: str | None = None, task: str | TaskConfig | None = None, pro
     models are scored on test (`result.selection` says what was tried and chosen). The fine-tuned models' cards
     gain their scores.
     """
-    keywords: dict[str, Any] = {}
-    if model is not None:
-        keywords.setdefault("model", {})["path"] = str(model)
-    if init is not None:
-        keywords.setdefault("model", {})["init"] = init
-    if task is not None:
-        keywords["task"] = cfg.to_dict(task) if isinstance(task, TaskConfig) else {"name": task}
-    if protocol is not None:
-        keywords["protocol"] = protocol
-    if seeds is not None:
-        keywords["seeds"] = list(seeds)
-    if output_dir is not None:
-        keywords["train"] = {"output_dir": str(output_dir)}
-    config = build_finetune_config(config, overrides)
-    config = cfg.build(FinetuneConfig, cfg.merge(cfg.to_dict(config), keywords))
-    if not config.seeds:
-        raise cfg.ConfigError("seeds is empty; give at least one seed, e.g. seeds=[0]")
-    if len(set(config.seeds)) != len(config.seeds):
-        raise cfg.ConfigError(f"seeds={config.seeds} repeats a seed; a repeated seed is the same run, not another sample")
+    task_keys = cfg.to_dict(task) if isinstance(task, TaskConfig) else None if task is None else {"name": task}
+    keywords = finetune_keywords(model, init, seeds, output_dir, task=task_keys, protocol=protocol)
+    config = build_run_config(FinetuneConfig, config, overrides, keywords)
+    check_seeds(config.seeds)
     check_model_path(config.model)
-    # The same process group the trainer sets up (gloo under torchrun on a machine with no GPU); a
-    # plain PartialState() here would pin every process to single-process mode for the whole run.
-    state = PartialState(cpu=_multi_process_without_gpu())
+    state = launch_state()  # made now, as the trainer makes it: the probe and the test scoring sync on it
     task_data = load_task(config.task)
     check_label_budget(task_data, config.label_budget)
     metric = config.early_stopping.metric or task_data.main_metric
@@ -693,33 +600,24 @@ def finetune(model: str | None = None, task: str | TaskConfig | None = None, pro
         searching = config.grid.searches
 
         def train(setting: dict[str, Any], seed: int) -> dict[str, Any]:
-            run = _finetune_one(_with_setting(config, setting), task_data, seed, _run_dir(config, seed, setting),
+            run = _finetune_one(with_setting(config, setting), task_data, seed, _run_dir(config, seed, setting),
                                 state, cache, tolerate_failure=searching)
             every_run.append(run)
             return run
 
         def score_test(setting: dict[str, Any], seed: int, run: dict[str, Any]) -> dict[str, float]:
-            return _score_test(_with_setting(config, setting), task_data, run, _run_dir(config, seed, setting), state,
+            return _score_test(with_setting(config, setting), task_data, run, _run_dir(config, seed, setting), state,
                                cache)
 
         selection, runs = select_on_validation(config.grid.settings(), config.seeds, train, score_test, metric)
     all_rows = len(task_data.splits["train"])
     result = FinetuneResult(
         task=task_data.name, protocol=config.protocol, model=config.model.path, init=config.model.init,
-        seeds=list(config.seeds), main_metric=metric,
-        test={m: [r["test"][m] for r in runs] for m in task_data.metrics},
-        validation={m: [r["validation"].get(m, math.nan) for r in runs] for m in task_data.metrics},
-        model_dirs=[r["model_dir"] for r in runs], steps=[r["steps"] for r in runs],
+        seeds=list(config.seeds), main_metric=metric, **per_seed_scores(runs, task_data.metrics),
         output_dir=config.train.output_dir, dataset_id=task_data.dataset_id,
         seconds=sum(r.get("seconds", 0.0) for r in every_run), selection=selection, label_budget=config.label_budget,
         train_examples=[r.get("train_rows", config.label_budget or all_rows) for r in runs])
-    if state.is_main_process:
-        if config.protocol == "full":
-            for model_dir in result.model_dirs:
-                add_scores_to_model_card(model_dir, result)
-        name = "-".join(part for part in (config.protocol, config.model.init, _budget_tag(config), "result.json") if part)
-        (Path(config.train.output_dir) / name).write_text(json.dumps(result.to_dict(), indent=1))
-    logger.info("%s", result.summary())
+    save_result(result, model_cards=config.protocol == "full")
     return result
 
 
@@ -740,15 +638,12 @@ def _finetune_one(config: FinetuneConfig, task: Task, seed: int, run_dir: Path, 
     started = time.perf_counter()
     run: dict[str, Any] = {}
     if config.protocol == "full":
-        try:
-            run = _run_full(config, seed, run_dir)  # every process holds the (gathered) scores
-        except NonFiniteLossError as error:
-            if not tolerate_failure:
-                raise
-            logger.warning("grid setting %s, seed %d failed: %s", run_dir.name, seed, str(error).splitlines()[0])
-            run = {"failed": str(error).splitlines()[0][:300], "validation": {}, "model_dir": "", "steps": 0}
-            if state.is_main_process:
-                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        # Every process holds the (gathered) scores. The test split is not touched here: only the setting chosen
+        # on validation is scored on it (`_score_test`).
+        objective = SequenceClassificationObjective(seed_config(config, seed, run_dir))
+        run = train_with_early_stopping(objective, run_dir, config.keep_checkpoints, tolerate_failure)
+        if not run.get("failed"):
+            run["train_rows"] = len(objective.encoded["train"])
     elif state.is_main_process:
         # The probe is cheap and deterministic: one process runs it while the others wait.
         encoded = _encoded(config, task, cache)
@@ -756,12 +651,10 @@ def _finetune_one(config: FinetuneConfig, task: Task, seed: int, run_dir: Path, 
         if config.model.init == "pretrained":
             cache["pretrained"] = features
         run = run_probe(config, task, encoded, features, seed, run_dir / "probe")
-    if run:
+    if run:  # the probe's other processes hold none: they read the main process's scores.json
         run["seconds"] = round(time.perf_counter() - started, 1)
-    if state.is_main_process:
         run["config"] = _fingerprint(config, seed)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        scores_path.write_text(json.dumps(run, indent=1))
+    write_scores(run_dir, run)
     state.wait_for_everyone()  # the trainer leaves the launcher's process group up: every seed can sync
     return run if run else json.loads(scores_path.read_text())
 

@@ -27,6 +27,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 
+from sslcore.errors import UserError
 from sslcore.fetch import fetch_package_file, pin_package
 
 logger = logging.getLogger(__name__)
@@ -35,8 +36,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 NO_LABEL = -1
 
 
-class ImageDataError(ValueError):
-    """A source cannot be read; the message names the problem and the fix."""
+class ImageDataError(UserError, ValueError):
+    """A source cannot be read; the message names the problem and the fix (entry points print it as one line)."""
 
 
 @dataclass
@@ -238,7 +239,10 @@ def _cache_key(config: ImageDataConfig) -> str:
         listing = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
                          for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
         source = f"{root}:{hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]}"
-    key = json.dumps({"source": source, "image_size": config.image_size, "mode": config.mode}, sort_keys=True)
+    fields = {"source": source, "image_size": config.image_size, "mode": config.mode}
+    # The columns picked change the cached data (only when set, so caches made before they were keyed stay valid).
+    fields.update({name: getattr(config, name) for name in ("image_column", "label_column") if getattr(config, name)})
+    key = json.dumps(fields, sort_keys=True)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in config.source.split("/")[-1] or "folder")
     return f"{safe[:40]}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
@@ -254,6 +258,9 @@ def load_image_dataset(config: ImageDataConfig) -> datasets.DatasetDict:
     elif source.startswith("hf:"):
         splits = _hf_source(source, config)
     elif os.sep in source or "/" in source or Path(source).expanduser().exists():
+        if config.image_column or config.label_column:
+            raise ImageDataError(f"data.image_column / data.label_column name columns of an hf: dataset; {source} is a "
+                                 "folder, whose labels are its class sub-folders: drop those options")
         splits = _folder_source(Path(source).expanduser(), config)
     else:
         raise ImageDataError(f"unknown image source {source!r}; data.source takes {', '.join(list_sources())}")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from visionssl.backbone import features
-from visionssl.data import ImageTensors
+from visionssl.data import ImageDataError, ImageTensors
 from visionssl.views import plain_view
 
 logger = logging.getLogger(__name__)
@@ -41,8 +41,8 @@ class ProbeConfig:
 
 def require_labels(data: ImageTensors, split: str) -> None:
     if not data.has_labels:
-        raise ValueError(f"the {split} split has no labels, so probes cannot be scored; use a source with a label "
-                         "column (set data.label_column) or class sub-folders, or set probe.enabled false")
+        raise ImageDataError(f"the {split} split has no labels, so probes cannot be scored; use a source with a "
+                             "label column (set data.label_column) or class sub-folders, or set probe.enabled false")
 
 
 @torch.no_grad()
