@@ -16,7 +16,7 @@ import re
 import unicodedata
 from collections.abc import Sequence
 
-from sslcore.metrics import accuracy, f1
+from sslcore.metrics import accuracy, compute_metrics, f1
 
 CLASSIFICATION_METRICS = ("accuracy", "f1")
 """Reported for keyword spotting and speaker ID; f1 is macro-averaged over classes."""
@@ -60,18 +60,13 @@ def cer(predictions: Sequence[str], references: Sequence[str]) -> dict[str, floa
     return {"cer": float(jiwer.cer(list(references), list(predictions)))}
 
 
-FUNCTIONS = {"accuracy": accuracy, "f1": lambda p, r: f1(p, r, average="macro"), "cer": cer, "wer": wer}
+FUNCTIONS = {"accuracy": accuracy, "f1": f1, "cer": cer, "wer": wer}
 
 
 def compute_speech_metrics(names: Sequence[str], predictions: Sequence, references: Sequence) -> dict[str, float]:
-    """{name: value} for each metric in `names` (class ids for accuracy/f1, normalised strings for cer/wer)."""
-    unknown = [name for name in names if name not in FUNCTIONS]
-    if unknown:
-        raise ValueError(f"unknown metric {unknown[0]!r}; speech metrics are: {', '.join(FUNCTIONS)}")
-    scores: dict[str, float] = {}
-    for name in names:
-        scores.update(FUNCTIONS[name](predictions, references))
-    return scores
+    """{name: value} for each metric in `names` (class ids for accuracy/f1, macro-F1; normalised strings for
+    cer/wer)."""
+    return compute_metrics(names, predictions, references, functions=FUNCTIONS, kind="speech")
 
 
 def better(metric: str, a: float, b: float, min_delta: float = 0.0) -> bool:

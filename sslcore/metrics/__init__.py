@@ -11,7 +11,7 @@ local one when it is not.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -134,14 +134,17 @@ DEFAULT_ARGUMENTS = {"f1": {"average": "macro"}}
 """What `compute_metrics` passes: macro-F1, so binary and multi-class tasks report the same quantity."""
 
 
-def compute_metrics(names: Sequence[str], predictions: Sequence, references: Sequence) -> dict[str, float]:
-    """{name: value} for each metric in `names` (f1 is macro-averaged), with the local functions."""
-    unknown = [name for name in names if name not in FUNCTIONS]
+def compute_metrics(names: Sequence[str], predictions: Sequence, references: Sequence,
+                    functions: Mapping[str, Callable[..., dict[str, float]]] = FUNCTIONS,
+                    arguments: Mapping[str, dict] = DEFAULT_ARGUMENTS, kind: str = "offline") -> dict[str, float]:
+    """{name: value} for each metric in `names` (f1 is macro-averaged), with the local functions; a modality
+    passes its own `functions` (speech adds CER/WER) and `kind` (named in the unknown-metric error)."""
+    unknown = [name for name in names if name not in functions]
     if unknown:
-        raise ValueError(f"unknown metric {unknown[0]!r}; offline metrics are: {', '.join(FUNCTIONS)}")
+        raise ValueError(f"unknown metric {unknown[0]!r}; {kind} metrics are: {', '.join(functions)}")
     scores: dict[str, float] = {}
     for name in names:
-        scores.update(FUNCTIONS[name](predictions, references, **DEFAULT_ARGUMENTS.get(name, {})))
+        scores.update(functions[name](predictions, references, **arguments.get(name, {})))
     return scores
 
 
