@@ -58,8 +58,8 @@ from sslcore.errors import MissingPathError
 from sslcore.finetune import (EarlyStopping, EarlyStoppingConfig, FinetuneResult, FinetuneTrainConfig, GridConfig,
                               select_on_validation, setting_tag)
 from sslcore.finetune_runs import (EarlyStoppingObjective, build_run_config, check_seeds, finetune_keywords,
-                                   per_seed_scores, quiet_load_report, save_result, seed_config, seed_run_dir,
-                                   train_with_early_stopping, with_setting, write_scores)
+                                   finished_run, per_seed_scores, quiet_load_report, run_fingerprint, save_result,
+                                   seed_config, seed_run_dir, train_with_early_stopping, with_setting, write_scores)
 from sslcore.objective import LossContext, Ratio
 from sslcore.registry import register_objective
 from sslcore.run_config import RunConfig
@@ -641,37 +641,50 @@ def finetune(model: str | None = None, task: str | SpeechTaskConfig | None = Non
     if config.protocol == "probe":
         runs, pretrained_features = [], None
         for seed in config.seeds:
-            started = time.perf_counter()
-            # A pretrained upstream's hidden states do not depend on the seed: computed once.
-            features = pretrained_features or probe_inputs(config, task_data, seed)
-            if config.model.init == "pretrained":
-                pretrained_features = features
-            run = run_probe(config, task_data, features, seed, run_dir_of(seed) / "probe")
-            run["seconds"] = round(time.perf_counter() - started, 1)
-            write_scores(run_dir_of(seed), run)
+            run = finished_run(config, seed, run_dir_of(seed))  # an interrupted benchmark's finished seeds
+            if run is None:
+                started = time.perf_counter()
+                # A pretrained upstream's hidden states do not depend on the seed: computed once.
+                features = pretrained_features or probe_inputs(config, task_data, seed)
+                if config.model.init == "pretrained":
+                    pretrained_features = features
+                run = run_probe(config, task_data, features, seed, run_dir_of(seed) / "probe")
+                run.update(seconds=round(time.perf_counter() - started, 1), config=run_fingerprint(config, seed))
+                write_scores(run_dir_of(seed), run)
             runs.append(run)
         every_run = runs
     else:
         objectives: dict[tuple[str, int], SpeechFinetuneObjective] = {}
 
+        def objective_of(setting: dict[str, Any], seed: int) -> SpeechFinetuneObjective:
+            key = setting_tag(setting), seed
+            if key not in objectives:
+                objectives[key] = SpeechFinetuneObjective(seed_config(with_setting(config, setting), seed,
+                                                                      run_dir_of(seed, setting)))
+            return objectives[key]
+
         def train(setting: dict[str, Any], seed: int) -> dict[str, Any]:
             """One full fine-tuning run: early stopping on validation, the best weights exported; the test split is
             not touched (only the setting chosen on validation is scored on it, by its run's objective)."""
-            run_dir = run_dir_of(seed, setting)
-            objective = SpeechFinetuneObjective(seed_config(with_setting(config, setting), seed, run_dir))
-            started = time.perf_counter()
-            run = train_with_early_stopping(objective, run_dir, config.keep_checkpoints,
-                                            tolerate_failure=config.grid.searches)
-            if not run.get("failed"):
-                run["train_rows"] = len(objective.train_rows)
-                objectives[setting_tag(setting), seed] = objective
-            run["seconds"] = round(time.perf_counter() - started, 1)
-            write_scores(run_dir, run)
+            run_dir, run_config = run_dir_of(seed, setting), with_setting(config, setting)
+            run = finished_run(run_config, seed, run_dir)
+            if run is None:
+                objective = objective_of(setting, seed)
+                started = time.perf_counter()
+                run = train_with_early_stopping(objective, run_dir, config.keep_checkpoints,
+                                                tolerate_failure=config.grid.searches)
+                if not run.get("failed"):
+                    run["train_rows"] = len(objective.train_rows)
+                run.update(seconds=round(time.perf_counter() - started, 1), config=run_fingerprint(run_config, seed))
+                write_scores(run_dir, run)
             every_run.append(run)
             return run
 
         def score_test(setting: dict[str, Any], seed: int, run: dict[str, Any]) -> dict[str, float]:
-            test = _score_exported(objectives[setting_tag(setting), seed], run["model_dir"])
+            objective = objective_of(setting, seed)
+            if not hasattr(objective, "task"):  # a reused run: its objective has not loaded the task yet
+                objective.prepare()
+            test = _score_exported(objective, run["model_dir"])
             write_scores(run_dir_of(seed, setting), {**run, "test": test})
             return test
 

@@ -52,7 +52,7 @@ from sslcore.errors import UserError
 from speechssl.audio import ASTERISK_VOICES, AudioDataConfig, decode_audio_value, load_audio
 from speechssl.metrics import ASR_METRICS, CLASSIFICATION_METRICS, normalize_transcript
 from sslcore.registry import TaskRegistry
-from sslcore.splits import split_digest, stratified_split
+from sslcore.splits import TaskSplitsConfig, split_digest, stratified_split
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ class SpeechTaskError(UserError, ValueError):
 
 
 @dataclass
-class SpeechTaskConfig:
-    """Which labelled speech to fine-tune and score on."""
+class SpeechTaskConfig(TaskSplitsConfig):
+    """Which labelled speech to fine-tune and score on (with the shared split options of `TaskSplitsConfig`)."""
 
     name: str = "asterisk-speakers"
     """A built-in task (`list_speech_tasks()`), `hf:NAME[:CONFIG]`, or a local audiofolder (audio files +
@@ -83,24 +83,6 @@ class SpeechTaskConfig:
     """Transcript column: set it for ASR (e.g. `text` for LibriSpeech, `transcription` in an audiofolder)."""
     speaker_column: str | None = None
     """Speaker column: when set, carved splits are by speaker (no voice in two splits)."""
-    train_split: str = "train"
-    """Source split to train on."""
-    validation_split: str | None = None
-    """Source split for model selection; None = `validation` if the source has one, else carved from train."""
-    test_split: str | None = None
-    """Source split scored at the end; None = `test` if the source has one, else carved from train."""
-    carve_validation_fraction: float = 0.1
-    """Share of train (of its speakers, when splitting by speaker) carved out as validation when missing."""
-    carve_test_fraction: float = 0.1
-    """Share of train carved out as test when missing."""
-    split_seed: int = 0
-    """Seed of carved splits (built-in tasks keep their recorded split)."""
-    max_train_examples: int | None = None
-    """Keep a stratified subset of this many training examples (quick runs)."""
-    cache_dir: str = "~/.cache/selfsup"
-    """Where fetched packages and decoded audio are cached."""
-    fetch_timeout_s: float = 600.0
-    """Time limit of one package fetch."""
 
 
 @dataclass

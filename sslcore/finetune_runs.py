@@ -13,7 +13,7 @@ fine-tuning run on the shared trainer with early stopping on validation; and wri
     objective = MyObjective(seed_config(with_setting(config, setting), seed, run_dir))
     run = train_with_early_stopping(objective, run_dir, keep_checkpoints=False, tolerate_failure=searching)
     run["validation"], run["steps"], run["model_dir"] (run["test"] when early stopping scored it)
-    write_scores(run_dir, run)
+    write_scores(run_dir, {**run, "config": run_fingerprint(config, seed)})   # finished_run(...) reuses it
     ...
     result = MyResult(**per_seed_scores(chosen_runs, metrics), ...)
     save_result(result)                # <output_dir>/<protocol>-<init>[-labels<N>]-result.json, model cards
@@ -241,6 +241,31 @@ def write_scores(run_dir: str | Path, run: dict[str, Any]) -> None:
         (Path(run_dir) / "scores.json").write_text(json.dumps(run, indent=1))
 
 
+def run_fingerprint(config: RunConfig, seed: int) -> dict[str, Any]:
+    """What a finished run must match to be reused: every option that changes its result, and its seed. The grid
+    is not part of it (a run is one setting, already in `train`), so widening the grid reuses the runs it had."""
+    fingerprint = json.loads(json.dumps({**cfg.to_dict(config), "seed": seed}))
+    for key in ("seeds", "keep_checkpoints", "hub", "grid"):  # hub: where to upload (and a token) change no score
+        fingerprint.pop(key, None)
+    if fingerprint.get("label_budget", 0) is None:  # runs from before label budgets existed stay reusable
+        fingerprint.pop("label_budget")
+    for key in ("output_dir", "progress_bar", "log_every", "report_to"):
+        fingerprint["train"].pop(key, None)
+    return fingerprint
+
+
+def finished_run(config: RunConfig, seed: int, run_dir: str | Path) -> dict[str, Any] | None:
+    """The scores.json of a finished run of this config and seed (`run_fingerprint` saved as its "config"), or
+    None: a rerun of a benchmark reuses what an interrupted one finished."""
+    scores_path = Path(run_dir) / "scores.json"
+    if scores_path.is_file():
+        saved = json.loads(scores_path.read_text())
+        if saved.get("config") == run_fingerprint(config, seed):
+            logger.info("reusing finished run %s", run_dir)
+            return saved
+    return None
+
+
 def per_seed_scores(runs: Sequence[dict[str, Any]], metrics: Sequence[str]) -> dict[str, Any]:
     """The per-seed fields of a `FinetuneResult` from the kept runs (in seed order): test and best validation
     scores of each metric (NaN where validation did not compute one), model folders and steps."""
@@ -265,6 +290,6 @@ def save_result(result: FinetuneResult, model_cards: bool = True) -> Path:
     return path
 
 
-__all__ = ["EarlyStoppingObjective", "budget_tag", "build_run_config", "check_seeds", "finetune_keywords", "launch_state", "per_seed_scores",
-           "quiet_load_report", "save_result", "seed_config", "seed_run_dir", "train_with_early_stopping",
-           "with_setting", "write_scores"]
+__all__ = ["EarlyStoppingObjective", "budget_tag", "build_run_config", "check_seeds", "finetune_keywords",
+           "finished_run", "launch_state", "per_seed_scores", "quiet_load_report", "run_fingerprint", "save_result",
+           "seed_config", "seed_run_dir", "train_with_early_stopping", "with_setting", "write_scores"]

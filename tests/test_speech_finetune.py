@@ -208,3 +208,28 @@ def test_full_finetune_grid_picks_on_validation_and_scores_test_only_with_the_ch
     assert result.label_budget == 20 and result.train_examples == [20]
     assert Path(result.model_dirs[0]).parent.name == "full-pretrained-labels20-lr3e-3-seed0"
     assert "test" not in json.loads((tmp_path / "runs" / "full-pretrained-labels20-lr1e-3-seed0" / "scores.json").read_text())
+
+
+def test_finished_runs_are_reused(upstream, sound_or_tone, tmp_path, monkeypatch):
+    """A rerun (an interrupted benchmark's) reuses every finished seed of the same config, in both protocols."""
+    import sslcore.trainer
+    from speechssl import finetune as speech_finetune
+
+    probe = finetune(model=upstream, task=sound_or_tone, protocol="probe", seeds=[0], overrides=options(tmp_path))
+    full = finetune(model=upstream, task=sound_or_tone, protocol="full", seeds=[0], overrides=options(tmp_path))
+    scores = tmp_path / "runs" / "full-pretrained-seed0" / "scores.json"
+    saved = json.loads(scores.read_text())
+    scores.write_text(json.dumps({k: v for k, v in saved.items() if k != "test"}))  # trained, not yet scored on test
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("retrained a finished run")
+
+    monkeypatch.setattr(speech_finetune, "run_probe", refuse)
+    monkeypatch.setattr(sslcore.trainer.Trainer, "fit", refuse)
+    assert finetune(model=upstream, task=sound_or_tone, protocol="probe", seeds=[0],
+                    overrides=options(tmp_path)).test == probe.test
+    assert finetune(model=upstream, task=sound_or_tone, protocol="full", seeds=[0],
+                    overrides=options(tmp_path)).test == full.test  # test scored again from the exported model
+    with pytest.raises(RuntimeError, match="retrained"):  # another config is a new run
+        finetune(model=upstream, task=sound_or_tone, protocol="full", seeds=[0],
+                 overrides=options(tmp_path, train={"max_steps": 5}))

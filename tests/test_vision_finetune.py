@@ -92,10 +92,14 @@ def test_export_runs_in_stock_image_classification_pipeline_offline(finetuned, c
     assert "image-classification" in card and "Downstream results" in card and "full fine-tuning" in card
 
 
-def test_learning_rate_grid_is_chosen_on_validation_and_only_the_choice_sees_test(backbone_dir, cache_dir, tmp_path):
-    result = vf.finetune(model=str(backbone_dir), source="digits", seeds=[0], learning_rates=[1e-7, 3e-3],
-                         init="random", train_examples=300, output_dir=str(tmp_path),
-                         overrides=options(cache_dir, max_steps=20))
+def test_learning_rate_grid_is_chosen_on_validation_and_only_the_choice_sees_test(backbone_dir, cache_dir, tmp_path,
+                                                                                  monkeypatch):
+    def grid_run():
+        return vf.finetune(model=str(backbone_dir), source="digits", seeds=[0], learning_rates=[1e-7, 3e-3],
+                           init="random", train_examples=300, output_dir=str(tmp_path),
+                           overrides=options(cache_dir, max_steps=20))
+
+    result = grid_run()
     assert result.selection.chosen == [1] and result.selection.settings == [{"learning_rate": 1e-7},
                                                                             {"learning_rate": 3e-3}]
     assert "lr 3e-3" in result.summary() and result.train_examples == [300] and result.label_budget == 300
@@ -103,6 +107,14 @@ def test_learning_rate_grid_is_chosen_on_validation_and_only_the_choice_sees_tes
     assert set(tried) == {"full-random-labels300-lr1e-7-seed0", "full-random-labels300-lr3e-3-seed0"}
     assert "test" not in tried["full-random-labels300-lr1e-7-seed0"]  # the test split only sees the choice
     assert tried["full-random-labels300-lr3e-3-seed0"]["test"]["accuracy"] == result.test["accuracy"][0]
+
+    import sslcore.trainer  # a rerun (an interrupted benchmark's) reuses every finished run: nothing retrains
+
+    def refuse(self):
+        raise RuntimeError("retrained a finished run")
+
+    monkeypatch.setattr(sslcore.trainer.Trainer, "fit", refuse)
+    assert grid_run().test == result.test
 
 
 def test_pretrained_init_loads_the_backbone_and_random_init_does_not(backbone_dir):

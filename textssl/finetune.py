@@ -62,8 +62,9 @@ from sslcore.finetune import (EarlyStopping, EarlyStoppingConfig, FinetuneTrainC
                               add_scores_to_model_card, eval_results_for, select_on_validation)
 from sslcore.finetune import FinetuneResult as SharedFinetuneResult
 from sslcore.finetune_runs import (EarlyStoppingObjective, build_run_config, check_seeds, finetune_keywords,
-                                   launch_state, per_seed_scores, quiet_load_report, save_result, seed_config,
-                                   seed_run_dir, train_with_early_stopping, with_setting, write_scores)
+                                   finished_run, launch_state, per_seed_scores, quiet_load_report, run_fingerprint,
+                                   save_result, seed_config, seed_run_dir, train_with_early_stopping, with_setting,
+                                   write_scores)
 from sslcore.objective import LossContext, Ratio
 from sslcore.registry import register_objective
 from sslcore.run_config import RunConfig
@@ -630,9 +631,8 @@ def _finetune_one(config: FinetuneConfig, task: Task, seed: int, run_dir: Path, 
     `cache` keeps the tokenized task, and a pretrained encoder's probe features across seeds: they do not
     depend on the seed.
     """
-    finished = _finished(config, seed, run_dir)
+    finished = finished_run(config, seed, run_dir)
     if finished is not None:
-        logger.info("reusing finished run %s", run_dir)
         return finished
     scores_path = run_dir / "scores.json"
     started = time.perf_counter()
@@ -653,33 +653,10 @@ def _finetune_one(config: FinetuneConfig, task: Task, seed: int, run_dir: Path, 
         run = run_probe(config, task, encoded, features, seed, run_dir / "probe")
     if run:  # the probe's other processes hold none: they read the main process's scores.json
         run["seconds"] = round(time.perf_counter() - started, 1)
-        run["config"] = _fingerprint(config, seed)
+        run["config"] = run_fingerprint(config, seed)
     write_scores(run_dir, run)
     state.wait_for_everyone()  # the trainer leaves the launcher's process group up: every seed can sync
     return run if run else json.loads(scores_path.read_text())
-
-
-def _fingerprint(config: FinetuneConfig, seed: int) -> dict[str, Any]:
-    """What a finished run must match to be reused: every option that changes its result, and its seed. The grid
-    is not part of it (a run is one setting, already in `train`), so widening the grid reuses the runs it had."""
-    fingerprint = json.loads(json.dumps({**cfg.to_dict(config), "seed": seed}))
-    for key in ("seeds", "keep_checkpoints", "hub", "grid"):  # hub: where to upload (and a token) change no score
-        fingerprint.pop(key)
-    if fingerprint["label_budget"] is None:  # runs from before label budgets existed stay reusable
-        fingerprint.pop("label_budget")
-    for key in ("output_dir", "progress_bar", "log_every", "report_to"):
-        fingerprint["train"].pop(key)
-    return fingerprint
-
-
-def _finished(config: FinetuneConfig, seed: int, run_dir: Path) -> dict[str, Any] | None:
-    """The scores of a finished run of this config and seed, or None."""
-    scores_path = run_dir / "scores.json"
-    if scores_path.is_file():
-        saved = json.loads(scores_path.read_text())
-        if saved.get("config") == _fingerprint(config, seed):
-            return saved
-    return None
 
 
 # --------------------------------------------------------------------------------------------------

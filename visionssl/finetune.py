@@ -41,8 +41,8 @@ from sslcore.errors import MissingPathError
 from sslcore.finetune import (EarlyStopping, EarlyStoppingConfig, FinetuneResult, FinetuneTrainConfig, GridConfig,
                               select_on_validation)
 from sslcore.finetune_runs import (EarlyStoppingObjective, build_run_config, check_seeds, finetune_keywords,
-                                   per_seed_scores, quiet_load_report, save_result, seed_config, seed_run_dir,
-                                   train_with_early_stopping, with_setting, write_scores)
+                                   finished_run, per_seed_scores, quiet_load_report, run_fingerprint, save_result,
+                                   seed_config, seed_run_dir, train_with_early_stopping, with_setting, write_scores)
 from sslcore.hub import write_model_card
 from sslcore.metrics import compute_metrics
 from sslcore.objective import LossContext, Ratio
@@ -408,8 +408,11 @@ def run_one(config: VisionFinetuneConfig, seed: int, setting: dict[str, Any] | N
     non-finite loss is recorded as a failed run (never chosen) instead of ending the search."""
     run_dir = seed_run_dir(config.train.output_dir, "full", config.model.init, config.split.train_examples, seed,
                            setting)
-    objective = ImageClassificationObjective(seed_config(with_setting(config, setting or {}), seed, run_dir),
-                                             score_test=score_test)
+    run_config = with_setting(config, setting or {})
+    finished = finished_run(run_config, seed, run_dir)  # an interrupted benchmark's finished seed
+    if finished is not None and (finished.get("test") is not None or not score_test):
+        return finished
+    objective = ImageClassificationObjective(seed_config(run_config, seed, run_dir), score_test=score_test)
     started = time.perf_counter()
     run = train_with_early_stopping(objective, run_dir, config.keep_checkpoints, tolerate_failure=tolerate_failure)
     run["seconds"] = round(time.perf_counter() - started, 1)
@@ -417,6 +420,7 @@ def run_one(config: VisionFinetuneConfig, seed: int, setting: dict[str, Any] | N
         run["digests"] = objective.task.digests
         run["task"] = {"name": objective.task.name, "description": objective.task.description,
                        "sizes": {name: len(part) for name, part in objective.task.splits.items()}}
+        run["config"] = run_fingerprint(run_config, seed)
         write_scores(run_dir, run)
     return run
 
