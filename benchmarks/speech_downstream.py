@@ -16,6 +16,7 @@ shows the probe's learned layer weights.
     # a smoke run on an existing upstream:
     python benchmarks/speech_downstream.py --model runs/wav2vec2_tiny/model --tasks asterisk-speakers \
         --protocols probe --seeds 0 1 --results runs/speech_smoke/RESULTS_speech.md
+    # an interrupted run, started again with the same arguments, reuses every seed it finished (probe and full)
     # anything after `--` goes to every fine-tuning config, e.g. -- --probe.epochs 50 --train.max_steps 300
     # per-arm learning rates for full fine-tuning, and label-budget curves (utterances per seed; `all` = every one):
     python benchmarks/speech_downstream.py --model runs/wav2vec2_tiny/model --learning-rates 3e-5 1e-4 3e-4 \
