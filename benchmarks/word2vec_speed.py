@@ -9,7 +9,8 @@ beside it. Runs alternate (gensim, torch, gensim, torch, ...) so background load
 alike; the ratio is the median over repeats of torch / gensim within each repeat.
 
 To show what limits the torch backend, the script also times its batch building alone (`collate`:
-subsampling, windows, negatives) and one training step split into forward, backward and the
+subsampling, windows, negatives; the compiled loop training uses, and the tensor ops it replaced, which
+build the same rows) and one training step split into forward, backward and the
 sparse SGD update -- for the step training runs (on CPU the compiled loop,
 `CompiledNegativeSamplingStep`) and, interleaved on the same batches, for the tensor-op step
 (`NegativeSamplingStep`, what GPUs run), for the autograd formulation both replaced (`autograd_loss`)
@@ -18,8 +19,9 @@ before/after profile). "training loop ms per batch" is the loop's wall time per 
 (from its words/s); what it holds beyond the step is the trainer's own work between steps (receiving
 the batch, counts, optimizer and scheduler calls, logging).
 
-Runs unchanged on a GPU machine: Accelerate puts the model on the GPU, collate stays on CPU
-DataLoader workers.
+On up to 4 cores batches are built in the training process, read ahead by a thread while the step runs
+(`train.read_ahead`, as the presets do); on more, by DataLoader workers. Runs unchanged on a GPU machine:
+Accelerate puts the model on the GPU, collate stays on the CPU.
 
     python benchmarks/word2vec_speed.py                       # skip-gram and CBOW, 3 repeats, 1 epoch
     python benchmarks/word2vec_speed.py --sources mixed --epochs 1 --repeats 5 --modes skipgram
@@ -59,7 +61,8 @@ def _overrides(args, backend: str, mode: str, run: int) -> dict:
         "evaluation": {"analogies": False, "word_similarity": False, "downstream_task": None},
         "gensim": {"workers": cpu_cores()},
         "train": {"output_dir": f"{args.output}/{mode}-{backend}-{run}", "per_device_batch_size": args.batch,
-                  "num_workers": args.workers, "num_threads": args.threads, "progress_bar": False, "export": False,
+                  "num_workers": args.workers, "num_threads": args.threads, "read_ahead": args.read_ahead,
+                  "progress_bar": False, "export": False,
                   "log_every": 10**9,
                   "save_every": 0},
     }
@@ -153,6 +156,7 @@ def profile_torch_step(config_path: str, overrides: dict, steps: int = 20, basel
     losses["autograd"] = lambda model, batch: autograd_loss(model, objective.unpack(batch))
     dataset, size = objective.train_dataset(), config.train.per_device_batch_size
     collate: list[float] = []
+    tensor_collate: list[float] = []
     timings = {name: {"forward": [], "backward": [], "update": []} for name in models}
 
     def sync():
@@ -165,6 +169,11 @@ def profile_torch_step(config_path: str, overrides: dict, steps: int = 20, basel
         batch = objective.collate(rows, [step * size + i for i in range(size)])
         if step:  # the first step warms up allocators and kernels
             collate.append(clock() - started)
+        objective.compiled_batches, started = False, clock()
+        objective.collate(rows, [step * size + i for i in range(size)])
+        objective.compiled_batches = True
+        if step:
+            tensor_collate.append(clock() - started)
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         names = list(models)  # each step starts with another one: the first after collate meets colder caches
         for name in names[step % len(names):] + names[:step % len(names)]:
@@ -184,7 +193,8 @@ def profile_torch_step(config_path: str, overrides: dict, steps: int = 20, basel
                 for key, seconds in (("forward", forward - started), ("backward", backward - forward),
                                      ("update", clock() - backward)):
                     timings[name][key].append(seconds)
-    report = {"words_per_batch": int(batch["words"]), "steps": steps, "collate": statistics.median(collate)}
+    report = {"words_per_batch": int(batch["words"]), "steps": steps, "collate": statistics.median(collate),
+              "collate_tensor_ops": statistics.median(tensor_collate)}
     for name, parts in timings.items():
         report[name] = {key: statistics.median(values) for key, values in parts.items()}
         report[name]["fastest_step"] = min(map(sum, zip(*parts.values())))
@@ -202,9 +212,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=4, help="blocks per step (torch)")
     parser.add_argument("--block-words", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=None,
-                        help="torch DataLoader workers (default: 1 on <= 4 cores, else 4)")
+                        help="torch DataLoader workers (default: 0 on <= 4 cores, batches read ahead by a thread; else 4)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default on CPU: the cores the collate workers leave, at least 1)")
+                        help="torch threads (default on CPU: the cores the collate workers or the read-ahead thread "
+                             "leave, at least 1)")
+    parser.add_argument("--read-ahead", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --workers 0: build the next batch in a thread while the step runs (default on)")
     parser.add_argument("--pair-negatives", action="store_true",
                         help="skip-gram negatives per (context, centre) pair, as word2vec.c (default: per window)")
     parser.add_argument("--sharing-strategy", default=None, choices=sorted(torch.multiprocessing.get_all_sharing_strategies()),
@@ -217,16 +230,17 @@ def main(argv: list[str] | None = None) -> dict:
         torch.multiprocessing.set_sharing_strategy(args.sharing_strategy)
     cores = cpu_cores()
     if args.workers is None:
-        args.workers = 1 if cores <= 4 else 4
+        args.workers = 0 if cores <= 4 else 4
     if args.threads is None and not torch.cuda.is_available():
-        # The collate workers take their cores; intra-op threads get the rest (oversubscribing 2 cores
-        # makes every parallel op wait on the scheduler).
-        args.threads = max(1, cores - args.workers)
+        # The collate workers (or the read-ahead thread) take their cores; intra-op threads get the rest
+        # (oversubscribing 2 cores makes every parallel op wait on the scheduler).
+        args.threads = max(1, cores - (args.workers or int(args.read_ahead)))
     if args.threads is not None:
         torch.set_num_threads(args.threads)  # the step profile below runs outside the trainer
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {cores} cores"
-    print(f"device: {device}; torch threads {torch.get_num_threads()}, collate workers {args.workers}; "
-          f"gensim workers {cores}")
+    loading = (f"collate workers {args.workers}" if args.workers else
+               "batches built in the training process" + (", read ahead by a thread" if args.read_ahead else ""))
+    print(f"device: {device}; torch threads {torch.get_num_threads()}, {loading}; gensim workers {cores}")
     report: dict = {"device": device, "load_average": os.getloadavg()[0], "modes": {}}
     for mode in args.modes:
         speeds: dict[str, list[float]] = {"gensim": [], "torch": [], "torch_fit": []}
@@ -269,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
     for mode, r in report["modes"].items():
         p = r["torch_step_profile"]
         print(f"\n{mode} torch step of {p['words_per_batch']:,} words, medians of {p['steps']} (collate alone "
-              f"{p['collate'] * 1e3:.1f} ms; training loop {r['loop_seconds_per_batch'] * 1e3:.1f} ms per batch "
+              f"{p['collate'] * 1e3:.2f} ms, {p['collate_tensor_ops'] * 1e3:.2f} ms with tensor ops; training loop {r['loop_seconds_per_batch'] * 1e3:.1f} ms per batch "
               "of these words):\n| step | forward ms | backward ms | SGD update ms | total ms | fastest ms |"
               "\n|---|---|---|---|---|---|")
         for name in ("autograd", *([args.baseline] if args.baseline else []), *[n for n in ("tensor ops", "training")

@@ -9,7 +9,9 @@ has to be carried, and skipping to a position needs no replay of earlier batches
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -231,3 +233,48 @@ class ProcessBatches(Sampler):
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for batch in self._mine()[self.start:]:
             yield [(self.epoch, index) for index in batch]
+
+
+class _Failed:
+    """What the read-ahead thread hands over when reading raised."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def read_ahead(batches: Iterable, depth: int = 2) -> Iterator:
+    """`batches` in order, read up to `depth` ahead by a thread of this process (a DataLoader with no workers
+    builds a batch only when asked: here the next one is built while the caller trains on this one). An error
+    while reading is raised here, at the batch it stopped; closing the iterator stops the thread."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop, end = threading.Event(), object()
+
+    def hand_over(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for batch in batches:
+                if not hand_over(batch):
+                    return
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+            hand_over(_Failed(error))
+            return
+        hand_over(end)
+
+    reader = threading.Thread(target=read, name="read-ahead", daemon=True)
+    reader.start()
+    try:
+        while (item := ready.get()) is not end:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        reader.join()

@@ -42,6 +42,11 @@ class TrainConfig:
     """Autocast precision; None = what `accelerate config` / `accelerate launch` says."""
     num_workers: int = 0
     """DataLoader worker processes (0 = load in the training process; best on 2 cores)."""
+    read_ahead: bool = False
+    """With num_workers 0: build the next batches in a thread of the training process while the step runs, not
+    in turn with it. Pays where the step leaves the Python lock most of its time (a compiled or native
+    kernel, as word2vec's CPU step) and batch building is cheap; no process hand-over. Ignored with workers
+    or a streamed corpus."""
     num_threads: int | None = None
     """torch threads per process; None = OMP_NUM_THREADS if you set it (outside `accelerate launch`),
     else this machine's cores / its processes, less num_workers (`accelerate launch` alone would leave

@@ -47,6 +47,7 @@ from sslcore.data import (
     SeededIterable,
     ShuffledBatches,
     example_seed,
+    read_ahead,
 )
 from sslcore.hub import redact
 from sslcore.objective import LossContext, Objective, Ratio
@@ -286,7 +287,9 @@ class Trainer:
             sampler.set_epoch(epoch)
         else:  # skip to the position by index: no batch before it is read or collated
             sampler.set_epoch(epoch, start)
-        for batch in train_loader:
+        # A stream's position is what was consumed, so it is never read ahead; a planned epoch's is its index.
+        threaded = self.args.read_ahead and self.args.num_workers == 0 and not streaming
+        for batch in read_ahead(train_loader) if threaded else train_loader:
             yield send_to_device(batch, self.accelerator.device)
 
     def _windows(self, batches: Iterator[dict]) -> Iterator[list[dict]]:
@@ -315,7 +318,8 @@ class Trainer:
         args, acc = self.args, self.accelerator
         if acc.is_main_process:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        threads, why = configure_threads(args.num_threads, args.num_workers)
+        # A read-ahead thread keeps a core busy building batches, as a worker does.
+        threads, why = configure_threads(args.num_threads, args.num_workers or int(args.read_ahead))
         logger.info("torch uses %d thread(s) per process (%s)", threads, why)
         resume_path = resolve_resume(args.resume, self.output_dir)
         if resume_path is not None and self._already_finished(resume_path):

@@ -463,6 +463,40 @@ def test_thread_policy(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_read_ahead_keeps_order_raises_where_reading_failed_and_stops_when_closed():
+    import threading
+    import time
+
+    from sslcore.data import read_ahead
+
+    assert list(read_ahead(range(50))) == list(range(50))
+
+    def failing():
+        yield from range(3)
+        raise ValueError("row 3 is broken")
+
+    seen = []
+    with pytest.raises(ValueError, match="row 3 is broken"):
+        for item in read_ahead(failing()):
+            seen.append(item)
+    assert seen == [0, 1, 2]  # every batch before the failure arrives first
+
+    reads = []
+
+    def endless():
+        while True:
+            reads.append(len(reads))
+            yield reads[-1]
+
+    ahead = read_ahead(endless(), depth=2)
+    assert [next(ahead) for _ in range(5)] == [0, 1, 2, 3, 4]
+    ahead.close()  # what the trainer's loop does at max_steps
+    count = len(reads)
+    time.sleep(0.2)
+    assert len(reads) == count <= 5 + 2 + 1  # the thread stopped, having read at most `depth` (+1 in hand) ahead
+    assert not any(t.name == "read-ahead" for t in threading.enumerate())
+
+
 def test_batch_plans_deal_every_example_once_and_resume_by_position():
     from sslcore.data import LengthGroupedBatches, ProcessBatches, ShuffledBatches
 

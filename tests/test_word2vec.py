@@ -187,6 +187,35 @@ def test_skipgram_batches_hold_the_window_pairs_and_k_negatives(prepared, shared
     assert torch.equal(packed["rows"], again["rows"]) and packed.get("spans") == again.get("spans")  # seeds fix it
 
 
+@pytest.mark.parametrize("mode,shared,shrink", [("skipgram", True, True), ("skipgram", False, True),
+                                                 ("skipgram", True, False), ("cbow", True, True), ("cbow", True, False)])
+def test_compiled_batches_equal_the_tensor_op_batches(prepared, compiled_kernel, mode, shared, shrink):
+    model = prepared.config.model
+    original = (model.mode, model.shared_negatives, model.shrink_windows)
+    model.mode, model.shared_negatives, model.shrink_windows = mode, shared, shrink
+    try:
+        for start in (0, 3):
+            examples = prepared.train_dataset().__getitems__(list(range(start, start + 3)))
+            seeds = [start + 40, start + 41, start + 42]
+            prepared.compiled_batches = False
+            expected = prepared.collate(examples, seeds)
+            prepared.compiled_batches = True
+            built = prepared.collate(examples, seeds)
+            assert set(built) == set(expected) and built["words"] == expected["words"]
+            assert built.get("spans") == expected.get("spans")
+            assert len(built["rows"]) > 10 and torch.equal(built["rows"], expected["rows"])
+    finally:
+        model.mode, model.shared_negatives, model.shrink_windows = original
+        prepared.compiled_batches = True
+
+
+def test_compiled_batches_refuse_a_word_outside_the_vocabulary(compiled_kernel):
+    ids = torch.tensor([1, 2, 9])
+    zeros = torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(IndexError, match="word id 9 is outside the vocabulary of 5 words"):
+        compiled_kernel.context_rows(ids, torch.zeros(3), None, torch.tensor([3]), torch.tensor([3]), torch.ones(5), 2, False, 3)
+
+
 def reference_loss(model: Word2VecModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The negative-sampling loss written the obvious way, for autograd: embedding lookups, CBOW's mean
     with word2vec.c's gradient (every context word gets the whole error), the implicit step's scale as
@@ -352,7 +381,7 @@ def test_without_a_compiler_the_tensor_step_runs_and_the_log_says_why(monkeypatc
             loss.backward()
     warnings = [r.getMessage() for r in caplog.records if "compiled CPU step" in r.getMessage()]
     assert len(warnings) == 1, warnings  # one line, not one per step
-    assert "no C++ compiler found" in warnings[0] and "tensor-op step" in warnings[0]
+    assert "no C++ compiler found" in warnings[0] and "use tensor ops instead" in warnings[0]
     assert model.input_vectors.weight.grad is not None
 
 
@@ -423,8 +452,10 @@ def test_resume_gives_the_same_vectors(planted, cache_dir, tmp_path):
         return {}
 
     uninterrupted = train_word2vec(config("full"))
-    train_word2vec(config("resumed"), callbacks=[stop_at_three])
-    resumed = train_word2vec(config("resumed", resume="latest"))
+    # The interrupted run reads batches ahead in a thread (what the presets do): the same batches, in order,
+    # and the ones read past the stop are not consumed.
+    train_word2vec(config("resumed", read_ahead=True), callbacks=[stop_at_three])
+    resumed = train_word2vec(config("resumed", read_ahead=True, resume="latest"))
     np.testing.assert_array_equal(resumed.vectors.vectors, uninterrupted.vectors.vectors)
 
 

@@ -316,6 +316,80 @@ extern "C" {
 
 int w2v_uses_avx2() { return use_avx2() ? 1 : 0; }
 
+// Batch building after the random draws (which stay torch's, per example, so a batch is the same whichever
+// builds it): subsampling, each kept position's window, the rows of input slots and the word to predict.
+// Positions: `ids`, with `uniform` (the subsampling draw) and `reduced` (the window shrink; null = none);
+// `lengths`: the sentences' lengths in order, `sizes`: the examples' (each a run of whole sentences). Rows
+// go into `rows` (row stride `stride`; the first `slots` columns the input word ids, -1 where a slot holds no
+// context, then the word to predict; the columns after it are left for the negatives): with `pairs`, one
+// row per (context, centre) pair and one slot, else one row per centre with at least one context and
+// 2 x window slots (offsets -window..-1, 1..window). `spans[row]`: its centre's window; `per_example[e]`:
+// rows of example e. Returns the row count, or -1 - i where ids[i] is not a word of the vocabulary.
+int64_t w2v_context_rows(const int64_t* ids, const float* uniform, const int64_t* reduced, int64_t n,
+                         const int64_t* lengths, int64_t sentences, const int64_t* sizes, int64_t examples,
+                         const float* keep_probability, int64_t vocab, int64_t window, int pairs, int64_t* rows,
+                         int64_t stride, int64_t* spans, int64_t* per_example) {
+  struct Kept {
+    int64_t position, sentence, example;
+  };
+  std::vector<Kept> kept;
+  kept.reserve(n);
+  int64_t sentence = 0, sentence_end = 0, example = 0, example_end = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    while (i >= sentence_end && sentence < sentences) sentence_end += lengths[sentence++];
+    while (i >= example_end && example < examples) example_end += sizes[example++];
+    if (ids[i] < 0 || ids[i] >= vocab) return -1 - i;
+    if (uniform[i] < keep_probability[ids[i]]) kept.push_back({i, sentence, example - 1});
+  }
+  const int64_t k = int64_t(kept.size()), slots = pairs ? 1 : 2 * window;
+  int64_t count = 0;
+  for (int64_t p = 0; p < k; ++p) {
+    const Kept& centre = kept[p];
+    const int64_t span = window - (reduced ? reduced[centre.position] : 0);
+    int64_t* row = rows + count * stride;
+    bool any = false;
+    for (int64_t slot = 0; slot < 2 * window; ++slot) {
+      const int64_t offset = slot < window ? slot - window : slot - window + 1;
+      const int64_t q = p + offset;
+      const bool context = q >= 0 && q < k && (offset < 0 ? -offset : offset) <= span &&
+                           kept[q].sentence == centre.sentence;
+      if (pairs) {
+        if (!context) continue;
+        row[0] = ids[kept[q].position];
+        row[1] = ids[centre.position];
+        spans[count] = span;
+        ++per_example[centre.example];
+        row = rows + ++count * stride;
+      } else {
+        row[slot] = context ? ids[kept[q].position] : -1;
+        any = any || context;
+      }
+    }
+    if (!pairs && any) {
+      row[slots] = ids[centre.position];
+      spans[count] = span;
+      ++per_example[centre.example];
+      ++count;
+    }
+  }
+  return count;
+}
+
+// Noise words from float64 uniforms by Walker's alias table (`NoiseSampler.words`, the same arithmetic): the
+// integer part of u x words is the column, the fraction picks its word or its alias. Word j of row r goes to
+// rows[r * stride + first + j], `negative` per row.
+void w2v_noise_words(const double* uniform, int64_t rows_count, int64_t negative, const double* accept,
+                     const int64_t* alias, int64_t vocab, int64_t* rows, int64_t stride, int64_t first) {
+  for (int64_t r = 0; r < rows_count; ++r) {
+    for (int64_t j = 0; j < negative; ++j) {
+      const double spread = uniform[r * negative + j] * double(vocab);
+      int64_t column = int64_t(spread);
+      if (column > vocab - 1) column = vocab - 1;
+      rows[r * stride + first + j] = spread - double(column) < accept[column] ? column : alias[column];
+    }
+  }
+}
+
 // Input words: the valid context slots.
 int64_t w2v_index_inputs(const int64_t* inputs, const bool* context_mask, int64_t n, int64_t vocab, int32_t* row,
                          int64_t* words) {
@@ -420,6 +494,11 @@ class CompiledStep:
         lib.w2v_step.argtypes = [pointer, pointer, i64, pointer, pointer, i64, i64, pointer, pointer, i64, ctypes.c_int,
                                  pointer, pointer, pointer, pointer, pointer, pointer]
         lib.w2v_step.restype = ctypes.c_double
+        lib.w2v_context_rows.argtypes = [pointer, pointer, pointer, i64, pointer, i64, pointer, i64, pointer, i64,
+                                         i64, ctypes.c_int, pointer, i64, pointer, pointer]
+        lib.w2v_context_rows.restype = i64
+        lib.w2v_noise_words.argtypes = [pointer, i64, i64, pointer, pointer, i64, pointer, i64, i64]
+        lib.w2v_noise_words.restype = None
         self.lib = lib
         self.prefetch = True
 
@@ -474,6 +553,54 @@ class CompiledStep:
                             output_sums.data_ptr(), input_curvature.data_ptr(), output_curvature.data_ptr())
         return (torch.tensor(loss, dtype=torch.float32), input_words, input_sums, input_curvature, output_words,
                 output_sums, output_curvature)
+
+
+    def context_rows(self, ids: torch.Tensor, uniform: torch.Tensor, reduced: torch.Tensor | None,
+                     lengths: torch.Tensor, sizes: torch.Tensor, keep_probability: torch.Tensor, window: int,
+                     pairs: bool, negative: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, spans, rows per example) of a batch's positions (see `w2v_context_rows`): `rows` is
+        (rows, slots + 1 + negative) int64, its last `negative` columns left for the negatives."""
+        n = len(ids)
+        for name, tensor, dtype, size in (("ids", ids, torch.int64, n), ("uniform", uniform, torch.float32, n),
+                                          ("reduced", reduced, torch.int64, n), ("lengths", lengths, torch.int64, None),
+                                          ("sizes", sizes, torch.int64, None),
+                                          ("keep_probability", keep_probability, torch.float32, None)):
+            if tensor is None:
+                continue
+            if (tensor.device.type != "cpu" or tensor.dtype != dtype or tensor.dim() != 1 or not tensor.is_contiguous()
+                    or size not in (None, len(tensor))):
+                raise ValueError(f"word2vec batch: {name} must be a contiguous 1-d CPU tensor of {dtype}"
+                                 f"{'' if size is None else f' ({size} positions)'}, got {tensor.dtype} of shape "
+                                 f"{tuple(tensor.shape)}")
+        if int(lengths.sum()) != n or int(sizes.sum()) != n:
+            raise ValueError(f"word2vec batch: sentence lengths (sum {int(lengths.sum())}) and example sizes (sum "
+                             f"{int(sizes.sum())}) must cover the {n} positions")
+        slots = 1 if pairs else 2 * window
+        stride = slots + 1 + negative
+        capacity = n * 2 * window if pairs else n
+        rows = torch.empty(capacity, stride, dtype=torch.int64)
+        spans = torch.empty(capacity, dtype=torch.int64)
+        per_example = torch.zeros(len(sizes), dtype=torch.int64)
+        count = self.lib.w2v_context_rows(
+            ids.data_ptr(), uniform.data_ptr(), None if reduced is None else reduced.data_ptr(), n,
+            lengths.data_ptr(), len(lengths), sizes.data_ptr(), len(sizes), keep_probability.data_ptr(),
+            len(keep_probability), window, int(pairs), rows.data_ptr(), stride, spans.data_ptr(),
+            per_example.data_ptr())
+        if count < 0:
+            raise IndexError(f"word2vec batch: word id {int(ids[-1 - count])} is outside the vocabulary of "
+                             f"{len(keep_probability)} words")
+        return rows[:count], spans[:count], per_example
+
+    def noise_words(self, uniform: torch.Tensor, accept: torch.Tensor, alias: torch.Tensor, rows: torch.Tensor,
+                    negative: int) -> None:
+        """Fill the last `negative` columns of `rows` (contiguous int64) with the noise words the float64
+        `uniform` draws pick from the alias table (`NoiseSampler.words`)."""
+        if (uniform.dtype != torch.float64 or not uniform.is_contiguous() or uniform.numel() != len(rows) * negative
+                or rows.dtype != torch.int64 or not rows.is_contiguous() or accept.dtype != torch.float64
+                or alias.dtype != torch.int64 or len(accept) != len(alias)):
+            raise ValueError("word2vec batch: noise draws, alias table or rows do not fit together")
+        self.lib.w2v_noise_words(uniform.data_ptr(), len(rows), negative, accept.data_ptr(), alias.data_ptr(),
+                                 len(accept), rows.data_ptr(), rows.shape[1], rows.shape[1] - negative)
 
 
 def load() -> CompiledStep:

@@ -770,9 +770,9 @@ def compiled_cpu_step() -> Any | None:
             _compiled_step = _word2vec_kernel.load()
         except Exception as error:  # noqa: BLE001 - any build failure means: use the tensor ops
             reason = " ".join(str(error).split())[:300] or type(error).__name__
-            logger.warning("word2vec: the compiled CPU step could not be built (%s); training uses the tensor-op "
-                           "step instead (the same update, slower on CPU). It needs a C++ compiler: install g++ or "
-                           "clang++, or point CXX at one.", reason)
+            logger.warning("word2vec: the compiled CPU step could not be built (%s); batches and the CPU step use "
+                           "tensor ops instead (the same batches and update, slower on CPU). It needs a C++ "
+                           "compiler: install g++ or clang++, or point CXX at one.", reason)
             _compiled_step = False
         else:
             logger.info("word2vec: compiled CPU step ready in %.1f s (%s build)", time.perf_counter() - started,
@@ -873,6 +873,8 @@ class Word2VecObjective(Objective):
     config_class = Word2VecConfig
     unit = "words"
     config: Word2VecConfig
+    compiled_batches = True
+    """Build batches with the compiled loop when it can be built (the same rows as the tensor ops)."""
 
     def prepare(self, accelerator=None) -> None:
         started = time.perf_counter()
@@ -896,8 +898,7 @@ class Word2VecObjective(Objective):
         on_gpus = accelerator is not None and accelerator.device.type != "cpu"
         sparse = config.model.sparse_gradients
         self.sparse = sparse if sparse is not None else not (processes > 1 and on_gpus)
-        if not on_gpus:
-            compiled_cpu_step()  # built (first run on this machine) or loaded here, not inside the first step
+        compiled_cpu_step()  # built (first run on this machine) or loaded here, not in a step or a loader worker
         self.words_per_epoch = self._count_words()
         if config.epochs is not None:
             per_step = config.train.per_device_batch_size * processes
@@ -925,6 +926,21 @@ class Word2VecObjective(Objective):
         validation = self.rows.get("validation")
         return validation if validation is not None and len(validation) else None
 
+    def position_draws(self, examples: list[dict[str, Any]], generators: list[torch.Generator]
+                       ) -> dict[str, torch.Tensor]:
+        """Every position of the batch with its random draws: `ids`, `uniform` (its subsampling draw) and
+        `reduced` (its window shrink); the sentences' `lengths` and the examples' `sizes`; `words`."""
+        model = self.config.model
+        ids = torch.cat([example["ids"] for example in examples]).long()
+        sizes = [len(example["ids"]) for example in examples]
+        # Per-example draws (one call each) keep batches identical on 1 or N processes; the rest is batched.
+        uniform = torch.cat([torch.rand(n, generator=g) for n, g in zip(sizes, generators)])
+        reduced = (torch.cat([torch.randint(0, model.window, (n,), generator=g) for n, g in zip(sizes, generators)])
+                   if model.shrink_windows else torch.zeros(len(ids), dtype=torch.long))
+        return {"ids": ids, "uniform": uniform, "reduced": reduced, "sizes": torch.tensor(sizes),
+                "lengths": torch.cat([example["lengths"] for example in examples]).long(),
+                "words": torch.tensor(sum(sizes))}
+
     def sample_positions(self, examples: list[dict[str, Any]], generators: list[torch.Generator]
                          ) -> dict[str, torch.Tensor]:
         """Subsample the batch's words and draw each kept position's window shrink.
@@ -932,56 +948,70 @@ class Word2VecObjective(Objective):
         Returns the kept `ids` with their `sentence` (unique across the batch), `example` index and
         `reduced` window shrink, plus `words`, the batch's in-vocabulary words before subsampling.
         """
-        model = self.config.model
-        ids = torch.cat([example["ids"] for example in examples]).long()
-        lengths = torch.cat([example["lengths"] for example in examples]).long()
-        sizes = [len(example["ids"]) for example in examples]
-        sentence = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-        example_index = torch.repeat_interleave(torch.arange(len(examples)), torch.tensor(sizes))
-        # Per-example draws (one call each) keep batches identical on 1 or N processes; the rest is batched.
-        uniform = torch.cat([torch.rand(n, generator=g) for n, g in zip(sizes, generators)])
-        reduced = (torch.cat([torch.randint(0, model.window, (n,), generator=g) for n, g in zip(sizes, generators)])
-                   if model.shrink_windows else torch.zeros(len(ids), dtype=torch.long))
+        drawn = self.position_draws(examples, generators)
+        lengths, sizes = drawn["lengths"], drawn["sizes"]
+        drawn["sentence"] = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+        drawn["example"] = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
         # Subsampling comes before windows, so windows reach further in text full of frequent words.
-        kept = (uniform < self.keep_probability.index_select(0, ids)).nonzero().squeeze(1)
+        kept = (drawn["uniform"] < self.keep_probability.index_select(0, drawn["ids"])).nonzero().squeeze(1)
         # index_select throughout collate: tensor indexing (`ids[mask]`) costs several times as much on CPU.
-        return {"ids": ids.index_select(0, kept), "sentence": sentence.index_select(0, kept),
-                "example": example_index.index_select(0, kept), "reduced": reduced.index_select(0, kept),
-                "words": torch.tensor(sum(sizes))}
+        return {name: drawn[name].index_select(0, kept) for name in ("ids", "sentence", "example", "reduced")} | {
+            "words": drawn["words"]}
 
-    def collate(self, examples: list[dict[str, Any]], seeds: list[int]) -> dict[str, torch.Tensor]:
+    def context_rows(self, examples: list[dict[str, Any]], generators: list[torch.Generator]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(rows, spans, rows per example, words): per prediction its input slots (-1 where a slot holds no
+        context word) then the word to predict, followed by `negative` columns for its noise words (not yet
+        drawn); its centre's window; how many rows each example has; the batch's words before subsampling.
+        Built by the compiled loop where it can be (a fifth of the time), else by tensor ops: the same rows."""
         model = self.config.model
-        generators = [generator_for(seed) for seed in seeds]
+        pairs = model.mode == "skipgram" and not model.shared_negatives
+        kernel = compiled_cpu_step() if self.compiled_batches else None
+        if kernel is not None:
+            drawn = self.position_draws(examples, generators)
+            rows, spans, per_example = kernel.context_rows(
+                drawn["ids"], drawn["uniform"], drawn["reduced"] if model.shrink_windows else None, drawn["lengths"],
+                drawn["sizes"], self.keep_probability, model.window, pairs, model.negative)
+            return rows, spans, per_example, int(drawn["words"])
         kept = self.sample_positions(examples, generators)
         ids = kept["ids"]
         positions, is_context = context_slots(kept["sentence"], kept["reduced"], model.window)
-        if model.mode == "skipgram" and not model.shared_negatives:
+        if pairs:
             # One row per (context, centre) pair, in centre order: the context word's input vector predicts
             # the centre word against its own negatives (word2vec.c's and gensim's skip-gram).
-            pairs = is_context.view(-1).nonzero().squeeze(1)  # (centre, slot) flattened, centre-major
-            centres = pairs // is_context.shape[1]
-            inputs = ids.index_select(0, positions.view(-1).index_select(0, pairs)).unsqueeze(1)
+            pair_index = is_context.view(-1).nonzero().squeeze(1)  # (centre, slot) flattened, centre-major
+            centres = pair_index // is_context.shape[1]
+            inputs = ids.index_select(0, positions.view(-1).index_select(0, pair_index)).unsqueeze(1)
             context_mask = torch.ones_like(inputs, dtype=torch.bool)
         else:  # one row per centre with its (padded) window
             centres = is_context.any(1).nonzero().squeeze(1)
             window_ids = ids.index_select(0, positions.index_select(0, centres).view(-1)).view(len(centres), -1)
             inputs, context_mask = window_ids, is_context.index_select(0, centres)
-        targets = ids.index_select(0, centres)
+        rows = torch.cat([torch.where(context_mask, inputs, -1), ids.index_select(0, centres).unsqueeze(1),
+                          torch.empty(len(centres), model.negative, dtype=torch.long)], 1)
+        per_example = torch.bincount(kept["example"].index_select(0, centres), minlength=len(examples))
+        return rows, model.window - kept["reduced"].index_select(0, centres), per_example, int(kept["words"])
+
+    def collate(self, examples: list[dict[str, Any]], seeds: list[int]) -> dict[str, torch.Tensor]:
+        model = self.config.model
+        generators = [generator_for(seed) for seed in seeds]
+        rows, spans, per_example, words = self.context_rows(examples, generators)
         # Negatives from each example's own generator, so a batch is the same on 1 or N processes.
-        per_example = torch.bincount(kept["example"].index_select(0, centres), minlength=len(examples)).tolist()
         uniform = torch.cat([torch.rand(n * model.negative, dtype=torch.float64, generator=g)
-                             for n, g in zip(per_example, generators)])
-        noise = self.noise.words(uniform).view(len(targets), model.negative)
+                             for n, g in zip(per_example.tolist(), generators)])
+        kernel = compiled_cpu_step() if self.compiled_batches else None
+        if kernel is not None:
+            kernel.noise_words(uniform, self.noise.accept, self.noise.alias, rows, model.negative)
+        else:
+            rows[:, -model.negative:] = self.noise.words(uniform).view(len(rows), model.negative)
         # One tensor per batch: a DataLoader worker hands each tensor over as its own shared-memory segment
         # (a socket connect and an mmap each): 0.29 s of a 5.4 s CBOW run when it was five. Masks are
         # rebuilt by `unpack_batch`: -1 marks a slot that is not a context, and a negative equal to its
         # target is skipped. `words` and `spans` are Python ints (pickled with the batch, no segment).
-        rows = torch.cat([torch.where(context_mask, inputs, -1), targets.unsqueeze(1), noise], 1)
-        batch: dict[str, Any] = {"rows": rows, "words": int(kept["words"])}
+        batch: dict[str, Any] = {"rows": rows, "words": words}
         if model.mode == "skipgram" and model.shared_negatives and model.shrink_windows:
             # Rows sorted by window size (after the per-example draws, which stay in example order): the
             # step then scores a row of window b on its 2b possible contexts, not all 2 x window slots.
-            spans = model.window - kept["reduced"].index_select(0, centres)
             batch["rows"] = rows.index_select(0, torch.argsort(spans, stable=True))
             batch["spans"] = tuple(torch.bincount(spans, minlength=model.window + 1)[1:].tolist())
         return batch
