@@ -1,4 +1,5 @@
-"""word2vec's negative-sampling step on CPU as one compiled loop over rows (C++, built on first use).
+"""word2vec's negative-sampling step on CPU as one compiled loop over rows (C++, built on first use), and
+the batch building before it (`w2v_context_rows`, `w2v_noise_words`: the rows the tensor-op collate builds).
 
 `NegativeSamplingStep` is a handful of tensor ops, each of which reads or writes a whole (predictions x
 window x dim) tensor; on CPU their separate passes, not the arithmetic, set its speed. This kernel does
