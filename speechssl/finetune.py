@@ -299,29 +299,45 @@ def greedy_decode(logits: torch.Tensor, lengths: torch.Tensor, tokenizer: Wav2Ve
 # --------------------------------------------------------------------------------------------------
 
 
+def reversed_in_length(frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """`frames` [B, T, D] with each clip's first `lengths[b]` frames in reverse order and its padding left at
+    the end (its own inverse)."""
+    steps = torch.arange(frames.shape[1], device=frames.device).unsqueeze(0)
+    lengths = lengths.to(frames.device).unsqueeze(1)
+    order = torch.where(steps < lengths, lengths - 1 - steps, steps)
+    return frames.gather(1, order.unsqueeze(-1).expand_as(frames))
+
+
 class WeightedLayerProbe(nn.Module):
     """Softmax-weighted sum of the upstream's hidden states, then a linear head (SUPERB's downstream).
 
     Input: hidden states [B, L, D] (pooled, classification) or [B, L, T, D] (frames, CTC), already
-    layer-normalised. Output: logits [B, C] or [B, T, C].
+    layer-normalised. Output: logits [B, C] or [B, T, C]. With `lstm_size`, a BiLSTM reads the mixed frames
+    first: one LSTM forward in time and one over each clip reversed within its length, so neither reads
+    padding before a clip's frames. (The same outputs as a bidirectional `nn.LSTM` over a packed sequence --
+    tested -- but on padded tensors, which CPU runs through oneDNN's fused LSTM: forward + backward of a
+    32 x 300-frame batch 0.33 s instead of 3.8-4.7 s packed.)
     """
 
     def __init__(self, num_layers: int, hidden_size: int, num_outputs: int, lstm_size: int = 0):
         super().__init__()
         self.layer_logits = nn.Parameter(torch.zeros(num_layers))  # uniform mix at the start, as s3prl
-        self.lstm = nn.LSTM(hidden_size, lstm_size, batch_first=True, bidirectional=True) if lstm_size else None
+        self.lstm_forward = nn.LSTM(hidden_size, lstm_size, batch_first=True) if lstm_size else None
+        self.lstm_backward = nn.LSTM(hidden_size, lstm_size, batch_first=True) if lstm_size else None
         self.head = nn.Linear(2 * lstm_size if lstm_size else hidden_size, num_outputs)
 
     def layer_weights(self) -> torch.Tensor:
         return torch.softmax(self.layer_logits, dim=0)
 
     def forward(self, hidden: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """`lengths`: true frames per clip, so the BiLSTM never reads padding (needed with a BiLSTM head)."""
+        """`lengths`: true frames per clip, so the BiLSTM's backward direction starts at each clip's last frame;
+        outputs past a clip's length are padding (CTC and decoding read up to the length only)."""
         mixed = torch.einsum("l,bl...->b...", self.layer_weights(), hidden)
-        if self.lstm is not None:
-            packed = nn.utils.rnn.pack_padded_sequence(mixed, lengths.cpu(), batch_first=True, enforce_sorted=False)
-            mixed = nn.utils.rnn.pad_packed_sequence(self.lstm(packed)[0], batch_first=True,
-                                                     total_length=mixed.shape[1])[0]
+        if self.lstm_forward is not None:
+            if lengths is None:
+                raise ValueError("a BiLSTM probe needs the clips' frame counts (lengths)")
+            behind = reversed_in_length(self.lstm_backward(reversed_in_length(mixed, lengths))[0], lengths)
+            mixed = torch.cat([self.lstm_forward(mixed)[0], behind], -1)
         return self.head(mixed)
 
 

@@ -15,6 +15,7 @@ import torch
 from speechssl.finetune import (
     SpeechFinetuneResult,
     WeightedLayerProbe,
+    reversed_in_length,
     build_ctc_tokenizer,
     finetune,
     greedy_decode,
@@ -91,6 +92,27 @@ def test_layer_weights_sum_to_one_and_receive_gradients():
         probe.layer_logits.copy_(torch.tensor([-1e4, -1e4, 0.0, -1e4]))
     frames = torch.randn(2, 4, 7, 8)
     assert torch.allclose(probe(frames), probe.head(frames[:, 2]), atol=1e-6)
+
+
+def test_bilstm_probe_equals_a_packed_bidirectional_lstm_and_never_reads_padding():
+    torch.manual_seed(0)
+    probe = WeightedLayerProbe(num_layers=2, hidden_size=6, num_outputs=5, lstm_size=4)
+    reference = torch.nn.LSTM(6, 4, batch_first=True, bidirectional=True)
+    with torch.no_grad():  # the reference's two directions get the probe's two LSTMs' weights
+        for name, value in probe.lstm_forward.named_parameters():
+            getattr(reference, name).copy_(value)
+        for name, value in probe.lstm_backward.named_parameters():
+            getattr(reference, f"{name}_reverse").copy_(value)
+    hidden, lengths = torch.randn(3, 2, 7, 6), torch.tensor([7, 4, 2])
+    for row, length in enumerate(lengths.tolist()):
+        hidden[row, :, length:] = 1e3  # padding: must not change a single true frame's output
+    logits = probe(hidden, lengths)
+    mixed = torch.einsum("l,bl...->b...", probe.layer_weights(), hidden)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(mixed, lengths, batch_first=True, enforce_sorted=False)
+    expected = probe.head(torch.nn.utils.rnn.pad_packed_sequence(reference(packed)[0], batch_first=True)[0])
+    for row, length in enumerate(lengths.tolist()):
+        torch.testing.assert_close(logits[row, :length], expected[row, :length], rtol=1e-5, atol=1e-5)
+    assert torch.equal(reversed_in_length(reversed_in_length(mixed, lengths), lengths), mixed)
 
 
 def test_probe_learns_a_separable_task_and_reports_layer_weights(upstream, sound_or_tone, tmp_path):
