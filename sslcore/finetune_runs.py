@@ -249,8 +249,18 @@ def run_fingerprint(config: RunConfig, seed: int) -> dict[str, Any]:
         fingerprint.pop(key, None)
     if fingerprint.get("label_budget", 0) is None:  # runs from before label budgets existed stay reusable
         fingerprint.pop("label_budget")
-    for key in ("output_dir", "progress_bar", "log_every", "report_to"):
-        fingerprint["train"].pop(key, None)
+    return _without_neutral_options(fingerprint)
+
+
+_NEUTRAL_TRAIN_OPTIONS = ("output_dir", "progress_bar", "log_every", "report_to", "read_ahead", "num_workers")
+"""Train options that change no score (batches are seeded per example, whoever builds them)."""
+
+
+def _without_neutral_options(fingerprint: Any) -> Any:
+    """`fingerprint` less `_NEUTRAL_TRAIN_OPTIONS`, also for one saved before an option was added or dropped."""
+    if isinstance(fingerprint, dict) and isinstance(fingerprint.get("train"), dict):
+        fingerprint = {**fingerprint, "train": {key: value for key, value in fingerprint["train"].items()
+                                                if key not in _NEUTRAL_TRAIN_OPTIONS}}
     return fingerprint
 
 
@@ -260,7 +270,7 @@ def finished_run(config: RunConfig, seed: int, run_dir: str | Path) -> dict[str,
     scores_path = Path(run_dir) / "scores.json"
     if scores_path.is_file():
         saved = json.loads(scores_path.read_text())
-        if saved.get("config") == run_fingerprint(config, seed):
+        if _without_neutral_options(saved.get("config")) == run_fingerprint(config, seed):
             logger.info("reusing finished run %s", run_dir)
             return saved
     return None

@@ -181,3 +181,16 @@ def test_run_folders_keywords_configs_and_result_files_follow_the_documented_nam
     path = save_result(result, model_cards=False)
     assert path == tmp_path / "out" / "probe-random-labels100-result.json"
     assert json.loads(path.read_text())["mean"]["accuracy"] == pytest.approx(0.6)
+
+
+def test_a_finished_run_is_reused_whatever_options_that_change_no_score_say(tmp_path):
+    from sslcore.finetune_runs import finished_run, run_fingerprint
+
+    config = build_run_config(ToyFinetuneConfig, None, [], finetune_keywords(init="random"))
+    saved = run_fingerprint(config, 3)
+    saved["train"].update(read_ahead=True, num_workers=4, progress_bar=False)  # as a run with other loading wrote it
+    (tmp_path / "scores.json").write_text(json.dumps({"config": saved, "test": {"accuracy": 0.5}}))
+    assert finished_run(config, 3, tmp_path)["test"] == {"accuracy": 0.5}
+    assert finished_run(config, 4, tmp_path) is None  # another seed is another run
+    retuned = with_setting(config, {"learning_rate": 1e-3})
+    assert finished_run(retuned, 3, tmp_path) is None  # an option that changes the result
