@@ -963,7 +963,7 @@ class Word2VecObjective(Objective):
         """(rows, spans, rows per example, words): per prediction its input slots (-1 where a slot holds no
         context word) then the word to predict, followed by `negative` columns for its noise words (not yet
         drawn); its centre's window; how many rows each example has; the batch's words before subsampling.
-        Built by the compiled loop where it can be (a fifth of the time), else by tensor ops: the same rows."""
+        Built by the compiled loop where it can be, else by tensor ops: the same rows."""
         model = self.config.model
         pairs = model.mode == "skipgram" and not model.shared_negatives
         kernel = compiled_cpu_step() if self.compiled_batches else None
