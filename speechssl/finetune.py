@@ -110,7 +110,8 @@ class WeightedProbeConfig:
     weight_decay: float = 0.0
     """L2 on the head's weights."""
     patience: int = 15
-    """Stop after this many epochs without a better validation score."""
+    """Stop after this many epochs without a better validation score (for ASR, counted once the head emits
+    anything: while it outputs only blanks, CER 1.0, it runs on, up to `epochs`)."""
     feature_batch_size: int = 16
     """Utterances per upstream forward pass when computing hidden states."""
     ctc_head: Literal["linear", "bilstm"] = "bilstm"
@@ -456,7 +457,9 @@ def run_probe(config: SpeechFinetuneConfig, task: SpeechTask, features: dict[str
         if best is None or better(metric, validation[metric], best["validation"][metric]):
             best = {"validation": validation, "epoch": epoch, "state": copy.deepcopy(probe.state_dict())}
             misses = 0
-        else:
+        elif not (asr and best["validation"]["cer"] >= 1.0):
+            # A CTC head first learns to emit only blanks (CER 1.0) and may take many epochs to start spelling
+            # (a random-init upstream's ~100 here): patience counts from then, else it stops one arm unstarted.
             misses += 1
             if misses >= options.patience:
                 break

@@ -187,6 +187,24 @@ def test_asr_probe_scores_cer_and_greedy_decoding_merges_repeats(upstream, spoke
     assert 0.0 <= result.test["cer"][0] and len(result.layer_weights[0]) == 3
 
 
+def test_asr_probe_patience_counts_only_once_the_head_spells(upstream, spoken, tmp_path, monkeypatch):
+    from speechssl import finetune as speech_finetune
+
+    scored = []
+
+    def blank_for_six_epochs(task, probe, features, references, tokenizer, batch_size):
+        scored.append(1)
+        epoch = len(scored)  # validation once per epoch, test once at the end
+        return {"cer": 1.0 if epoch <= 6 else 0.9 if epoch == 7 else 0.95, "wer": 1.0}
+
+    monkeypatch.setattr(speech_finetune, "_probe_scores", blank_for_six_epochs)
+    result = finetune(model=upstream, task=spoken, protocol="probe", seeds=[0],
+                      overrides=options(tmp_path, task={"name": spoken, "transcript_column": "text"},
+                                        probe={"epochs": 20, "patience": 2}))
+    # 6 blank epochs do not count; epoch 7 is the best, then 2 misses end it: 9 validations + 1 test.
+    assert result.steps == [7] and len(scored) == 10
+
+
 def test_comparison_reads_a_lower_error_rate_as_a_gain():
     def arm(values):
         return SpeechFinetuneResult(task="asr", protocol="probe", model="m", init="x", seeds=[0, 1, 2], main_metric="cer",
