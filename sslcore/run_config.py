@@ -49,8 +49,8 @@ class TrainConfig:
     or a streamed corpus."""
     num_threads: int | None = None
     """torch threads per process; None = OMP_NUM_THREADS if you set it (outside `accelerate launch`),
-    else this machine's cores / its processes, less num_workers (`accelerate launch` alone would leave
-    one thread)."""
+    else this machine's cores / its processes, less num_workers (or one for the read-ahead thread;
+    `accelerate launch` alone would leave one thread)."""
     log_every: int = 10
     """Log loss, throughput and ETA every N steps."""
     eval_every: int = 0
