@@ -480,8 +480,18 @@ def build() -> Path:
     return library
 
 
+def _require_cpu_tensor(what: str, name: str, tensor: torch.Tensor, dtype: torch.dtype, dim: int,
+                        size: int | None = None) -> None:
+    """The library reads `tensor`'s memory as given: a contiguous CPU tensor of `dtype`, `dim`-d (`size` rows)."""
+    if (tensor.device.type != "cpu" or tensor.dtype != dtype or tensor.dim() != dim or not tensor.is_contiguous()
+            or size not in (None, len(tensor))):
+        raise ValueError(f"word2vec {what}: {name} must be a contiguous {dim}-d CPU tensor of {dtype}"
+                         f"{'' if size is None else f' ({size} rows)'}, got {tensor.dtype} of shape "
+                         f"{tuple(tensor.shape)} on {tensor.device}")
+
+
 class CompiledStep:
-    """The built library, called on tensors (`negative_sampling_step`)."""
+    """The built library, called on tensors (`negative_sampling_step`, `context_rows`, `noise_words`)."""
 
     def __init__(self, library: Path):
         self.library = library
@@ -516,9 +526,7 @@ class CompiledStep:
                                     ("output_weight", output_weight, torch.float32), ("inputs", inputs, torch.int64),
                                     ("context_mask", context_mask, torch.bool), ("targets", targets, torch.int64),
                                     ("negative_mask", negative_mask, torch.bool)):
-            if tensor.device.type != "cpu" or tensor.dtype != dtype or tensor.dim() != 2 or not tensor.is_contiguous():
-                raise ValueError(f"word2vec step: {name} must be a contiguous 2-d CPU tensor of {dtype}, got "
-                                 f"{tensor.dtype} of shape {tuple(tensor.shape)} on {tensor.device}")
+            _require_cpu_tensor("step", name, tensor, dtype, 2)
         (vocab, dim), (rows, width) = input_weight.shape, targets.shape
         if (output_weight.shape != input_weight.shape or width < 1 or context_mask.shape != inputs.shape
                 or len(inputs) != rows or negative_mask.shape != (rows, width - 1)):
@@ -555,7 +563,6 @@ class CompiledStep:
         return (torch.tensor(loss, dtype=torch.float32), input_words, input_sums, input_curvature, output_words,
                 output_sums, output_curvature)
 
-
     def context_rows(self, ids: torch.Tensor, uniform: torch.Tensor, reduced: torch.Tensor | None,
                      lengths: torch.Tensor, sizes: torch.Tensor, keep_probability: torch.Tensor, window: int,
                      pairs: bool, negative: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -566,13 +573,8 @@ class CompiledStep:
                                           ("reduced", reduced, torch.int64, n), ("lengths", lengths, torch.int64, None),
                                           ("sizes", sizes, torch.int64, None),
                                           ("keep_probability", keep_probability, torch.float32, None)):
-            if tensor is None:
-                continue
-            if (tensor.device.type != "cpu" or tensor.dtype != dtype or tensor.dim() != 1 or not tensor.is_contiguous()
-                    or size not in (None, len(tensor))):
-                raise ValueError(f"word2vec batch: {name} must be a contiguous 1-d CPU tensor of {dtype}"
-                                 f"{'' if size is None else f' ({size} positions)'}, got {tensor.dtype} of shape "
-                                 f"{tuple(tensor.shape)}")
+            if tensor is not None:
+                _require_cpu_tensor("batch", name, tensor, dtype, 1, size)
         if int(lengths.sum()) != n or int(sizes.sum()) != n:
             raise ValueError(f"word2vec batch: sentence lengths (sum {int(lengths.sum())}) and example sizes (sum "
                              f"{int(sizes.sum())}) must cover the {n} positions")

@@ -958,15 +958,14 @@ class Word2VecObjective(Objective):
         return {name: drawn[name].index_select(0, kept) for name in ("ids", "sentence", "example", "reduced")} | {
             "words": drawn["words"]}
 
-    def context_rows(self, examples: list[dict[str, Any]], generators: list[torch.Generator]
+    def context_rows(self, examples: list[dict[str, Any]], generators: list[torch.Generator], kernel: Any = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """(rows, spans, rows per example, words): per prediction its input slots (-1 where a slot holds no
         context word) then the word to predict, followed by `negative` columns for its noise words (not yet
         drawn); its centre's window; how many rows each example has; the batch's words before subsampling.
-        Built by the compiled loop where it can be, else by tensor ops: the same rows."""
+        Built by the compiled loop `kernel` when given, else by tensor ops: the same rows."""
         model = self.config.model
         pairs = model.mode == "skipgram" and not model.shared_negatives
-        kernel = compiled_cpu_step() if self.compiled_batches else None
         if kernel is not None:
             drawn = self.position_draws(examples, generators)
             rows, spans, per_example = kernel.context_rows(
@@ -995,11 +994,11 @@ class Word2VecObjective(Objective):
     def collate(self, examples: list[dict[str, Any]], seeds: list[int]) -> dict[str, torch.Tensor]:
         model = self.config.model
         generators = [generator_for(seed) for seed in seeds]
-        rows, spans, per_example, words = self.context_rows(examples, generators)
+        kernel = compiled_cpu_step() if self.compiled_batches else None
+        rows, spans, per_example, words = self.context_rows(examples, generators, kernel)
         # Negatives from each example's own generator, so a batch is the same on 1 or N processes.
         uniform = torch.cat([torch.rand(n * model.negative, dtype=torch.float64, generator=g)
                              for n, g in zip(per_example.tolist(), generators)])
-        kernel = compiled_cpu_step() if self.compiled_batches else None
         if kernel is not None:
             kernel.noise_words(uniform, self.noise.accept, self.noise.alias, rows, model.negative)
         else:
