@@ -211,7 +211,6 @@ def test_compiled_batches_equal_the_tensor_op_batches(prepared, compiled_kernel,
 
 def test_compiled_batches_refuse_a_word_outside_the_vocabulary(compiled_kernel):
     ids = torch.tensor([1, 2, 9])
-    zeros = torch.zeros(3, dtype=torch.int64)
     with pytest.raises(IndexError, match="word id 9 is outside the vocabulary of 5 words"):
         compiled_kernel.context_rows(ids, torch.zeros(3), None, torch.tensor([3]), torch.tensor([3]), torch.ones(5), 2, False, 3)
 
