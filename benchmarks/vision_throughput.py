@@ -8,23 +8,29 @@ batch at once (one `grid_sample` for crop + resize + flip, broadcast jitter) —
 there is one. Same backbone, data, batch and steps for both; the two sides alternate rep by rep so
 both see the same load on a shared machine, and the medians are compared.
 
-    OMP_NUM_THREADS=1 python benchmarks/vision_throughput.py --batch 256 --reps 5
+    OMP_NUM_THREADS=1 python benchmarks/vision_throughput.py --batch 256 --steps 200
+
+Both sides train their own copy of the same initial model for the same steps on the same images; the
+kNN and linear probes of both backbones at the end say whether the faster way learns as well.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
 import torch
 from torchvision.transforms import v2
+from tqdm.auto import tqdm
 
 from sslcore.api import build_config
 from sslcore.data import example_seed
 from sslcore.objective import LossContext
 from sslcore.registry import get_objective
-from visionssl.views import ViewConfig, apply_views, view_params
+from visionssl.probe import probe_backbone
+from visionssl.views import ViewConfig
 
 
 def torchvision_views(size: int, mean: list[float], std: list[float], config: ViewConfig) -> v2.Compose:
@@ -44,73 +50,91 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="recipes/configs/simclr_tiny.yaml")
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=200,
+                        help="training steps per side (the first is a warm-up, left out of the timings)")
+    parser.add_argument("--probe-train", type=int, default=5000)
+    parser.add_argument("--probe-test", type=int, default=2000)
     args = parser.parse_args()
 
     # No online probe: the reference loop has none either.
-    config = build_config(args.config, {"data": {"max_train_examples": 4 * args.batch}, "probe": {"online": False}})
+    config = build_config(args.config, {"data": {"max_train_examples": args.steps * args.batch},
+                                        "probe": {"online": False, "train_examples": args.probe_train,
+                                                  "test_examples": args.probe_test}})
     objective = get_objective(config.objective)(config)
     objective.prepare()
-    model = objective.build_model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    torch.manual_seed(0)
+    ours_model = objective.build_model()
+    ref_model = copy.deepcopy(ours_model)  # the same initial weights on both sides
+    ours_optimizer = torch.optim.AdamW(ours_model.parameters(), lr=config.train.learning_rate)
+    ref_optimizer = torch.optim.AdamW(ref_model.parameters(), lr=config.train.learning_rate)
     images = objective.train_images.images
     size, mean, std = objective.input_size, objective.mean.tolist(), objective.std.tolist()
-    pil = [v2.functional.to_pil_image(image) for image in images[: args.batch]]
     reference = torchvision_views(size, mean, std, config.view1)
     from visionssl.losses import NTXentLoss
 
     criterion = NTXentLoss(config.loss.temperature, reduction="mean")
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(images), generator=generator)
 
-    def ours_augment(rep):
-        seeds = [example_seed(rep, 0, i) for i in range(args.batch)]
+    def rows(step):
+        return order[(step * args.batch) % len(order):][: args.batch].tolist()
+
+    def ours_step(step):
+        """The trainer's path: the collator draws view params from example seeds; loss() makes the views."""
         started = time.perf_counter()
-        batch = objective.collate([objective.train_images[i] for i in range(args.batch)], seeds)
+        batch = objective.collate([objective.train_images[i] for i in rows(step)],
+                                  [example_seed(0, step, i) for i in range(args.batch)])
         drawn = time.perf_counter()
-        views = [apply_views(batch["images"], view_params(batch, v), size, objective.mean, objective.std) for v in (0, 1)]
-        return drawn - started, time.perf_counter() - drawn, batch, views
-
-    def reference_augment():
-        started = time.perf_counter()
-        views = torch.stack([torch.stack([reference(image) for image in pil]) for _ in range(2)])
-        return time.perf_counter() - started, views
-
-    def step(views):
-        started = time.perf_counter()
-        z, _ = model(torch.cat(list(views)))
-        n = len(views[0])
-        s, p = NTXentLoss.pair_indices(2, n, 0)
-        loss = criterion(z, z, s, p)
+        views = objective.both_views(batch)  # timed apart here; loss() below makes them again
+        made = time.perf_counter()
+        loss, _ = objective.loss(ours_model, batch, LossContext(objective.targets(batch)))
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        return time.perf_counter() - started
+        ours_optimizer.step()
+        ours_optimizer.zero_grad()
+        done = time.perf_counter()
+        del views
+        return drawn - started, made - drawn, done - made
+
+    def reference_step(step):
+        """A Dataset that returns PIL images (as torchvision's FashionMNIST does), the per-image v2 pipeline
+        applied twice, views stacked, then model + NT-Xent."""
+        started = time.perf_counter()
+        pil = [v2.functional.to_pil_image(images[i]) for i in rows(step)]
+        views = torch.stack([torch.stack([reference(image) for image in pil]) for _ in range(2)])
+        augmented = time.perf_counter()
+        z, _ = ref_model(torch.cat(list(views)))
+        s, p = NTXentLoss.pair_indices(2, args.batch, 0)
+        criterion(z, z, s, p).backward()
+        ref_optimizer.step()
+        ref_optimizer.zero_grad()
+        return augmented - started, time.perf_counter() - augmented
 
     timings = {"ours_draw": [], "ours_pixels": [], "ours_step": [], "ref_augment": [], "ref_step": []}
-    for rep in range(args.reps + 1):  # rep 0 warms up both sides
-        draw, pixels, batch, _ = ours_augment(rep)
-        started = time.perf_counter()
-        loss, _ = objective.loss(model, batch, LossContext(objective.targets(batch)))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        ours_step = time.perf_counter() - started  # includes making the views again inside loss()
-        ref_aug, ref_views = reference_augment()
-        ref_step = step(ref_views)
-        if rep:
-            for key, value in zip(timings, (draw, pixels, ours_step - pixels, ref_aug, ref_step)):
+    for step in tqdm(range(args.steps), desc="steps (both sides)"):  # the sides alternate: same load for both
+        draw, pixels, ours_total = ours_step(step)
+        ref_augment, ref_total = reference_step(step)
+        if step:
+            for key, value in zip(timings, (draw, pixels, ours_total - pixels, ref_augment, ref_total)):
                 timings[key].append(value)
     med = {k: statistics.median(v) for k, v in timings.items()}
     views_per_batch = 2 * args.batch
     ours_aug, ours_total = med["ours_draw"] + med["ours_pixels"], med["ours_draw"] + med["ours_pixels"] + med["ours_step"]
     ref_total = med["ref_augment"] + med["ref_step"]
-    print(f"threads {torch.get_num_threads()}, batch {args.batch} x 2 views at {size}px, {args.reps} reps (medians)")
+    print(f"threads {torch.get_num_threads()}, batch {args.batch} x 2 views at {size}px, {args.steps} steps per side "
+          "(medians)")
     print(f"augmentation only: ours {views_per_batch / ours_aug:,.0f} views/s (draw params {med['ours_draw'] * 1e3:.0f} ms, "
           f"pixels {med['ours_pixels'] * 1e3:.0f} ms) vs torchvision per image {views_per_batch / med['ref_augment']:,.0f} "
           f"views/s: {med['ref_augment'] / ours_aug:.1f}x")
-    print(f"model forward+backward+step: {med['ours_step'] * 1e3:.0f} ms (ours) / {med['ref_step'] * 1e3:.0f} ms (reference)")
+    print(f"model forward+backward+step: {med['ours_step'] * 1e3:.0f} ms (ours: channels-last input) / "
+          f"{med['ref_step'] * 1e3:.0f} ms (reference: NCHW)")
     print(f"whole step: ours {args.batch / ours_total:,.0f} images/s vs reference {args.batch / ref_total:,.0f} images/s: "
           f"{ref_total / ours_total:.2f}x; augmentation is {100 * ours_aug / ours_total:.0f}% of our step, "
           f"{100 * med['ref_augment'] / ref_total:.0f}% of the reference's")
+    for name, model in (("ours", ours_model), ("reference", ref_model)):
+        scores = probe_backbone(objective.backbone_of(model), objective.train_images, objective.test_images, size,
+                                objective.mean, objective.std, config.probe, seed=0)
+        print(f"after {args.steps} steps, {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+              + f" ({args.probe_train} train / {args.probe_test} test images)")
 
 
 if __name__ == "__main__":

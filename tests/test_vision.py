@@ -208,6 +208,20 @@ def test_views_depend_only_on_the_example_seeds():
     assert not torch.equal(other["view0.box"], whole["view0.box"])
 
 
+def test_views_are_channels_last_and_the_backbone_gives_the_same_features_as_on_nchw():
+    from visionssl.backbone import BackboneConfig, build_backbone, features
+    from visionssl.rotation import rotate_all
+
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    batch = collate_views(images, [1, 2, 3, 4], [ViewConfig()])
+    views = apply_views(images, view_params(batch, 0), 56, torch.full((3,), 0.3), torch.full((3,), 0.2))
+    assert views.shape == (4, 3, 56, 56) and views.is_contiguous(memory_format=torch.channels_last)
+    assert rotate_all(views)[0].is_contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    backbone = build_backbone(BackboneConfig(), 28).eval()
+    with torch.no_grad():
+        assert torch.allclose(features(backbone, views), features(backbone, views.contiguous()), atol=1e-4)
+
 def test_full_crop_without_jitter_is_a_plain_resize():
     images = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
     still = ViewConfig(crop_scale_min=1.0, crop_ratio_min=1.0, crop_ratio_max=1.0, flip_p=0.0, jitter_p=0.0)

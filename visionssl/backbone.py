@@ -7,10 +7,10 @@ at load time, and the export must load with stock `AutoModel`. On a 28x28 input 
 a 7x7 map after its first two operations: most of the image is gone before the first residual
 block. Resizing to 56 in the image processor (so users' inputs get the same treatment) makes the
 stride-2 conv produce one output per original pixel (28x28: nothing thrown away by the first
-layer), and the pool then halves to 14x14. Measured on 2 CPU cores (tiny ResNet, forward +
-backward, batch 256): native 28: 7,432 img/s but a 7x7 map; 56: 2,329 img/s with 28x28 stem
-outputs; 112 (4x, stage 1 at full 28x28 - what the CIFAR stem would cost): 263 img/s. 56 is the
-trade-off we take on CPU; set `backbone.input_size` to 112 when there is a GPU.
+layer), and the pool then halves to 14x14. Measured on one CPU thread (`benchmarks/vision_input_size.py`: tiny ResNet,
+forward + backward, batch 256, channels-last input): native 28: 2,238 img/s but a 7x7 map after the
+stem; 56: 699 img/s (14x14); 112 (stage 1 at full 28x28 - what the CIFAR stem would cost): 150
+img/s. 56 is the trade-off we take on CPU; set `backbone.input_size` to 112 when there is a GPU.
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ class RotationModel(VisionModel):
 
 def rotate_all(views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, C, H, W] -> every image in 4 rotations [4B, ...] and the rotation labels [4B]."""
-    rotated = torch.cat([torch.rot90(views, k, dims=(2, 3)) for k in range(ROTATIONS)])
+    rotated = torch.cat([torch.rot90(views, k, dims=(2, 3)) for k in range(ROTATIONS)]
+                        ).contiguous(memory_format=torch.channels_last)  # rot90 drops the fast layout (views.normalize)
     labels = torch.arange(ROTATIONS, device=views.device).repeat_interleave(len(views))
     return rotated, labels
 

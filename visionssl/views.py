@@ -180,9 +180,14 @@ def apply_views(images: torch.Tensor, params: dict[str, torch.Tensor], size: int
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels: int) -> torch.Tensor:
-    """(x - mean) / std, grayscale repeated to `channels` (the exported processor does the same)."""
+    """(x - mean) / std, grayscale repeated to `channels` (the exported processor does the same).
+
+    The result is channels-last: oneDNN's CPU convolutions run 1.4-1.7x faster on it than on NCHW
+    (tiny ResNet at 56 px, forward + backward, 1 thread; README, Vision), and the weights can stay
+    in the default layout, so checkpoints and exports are unchanged."""
     if x.shape[1] != channels:
         x = x.expand(-1, channels, -1, -1)
+    x = x.contiguous(memory_format=torch.channels_last)
     return (x - mean.to(x)[None, :, None, None]) / std.to(x)[None, :, None, None]
 
 
