@@ -222,6 +222,7 @@ def test_views_are_channels_last_and_the_backbone_gives_the_same_features_as_on_
     with torch.no_grad():
         assert torch.allclose(features(backbone, views), features(backbone, views.contiguous()), atol=1e-4)
 
+
 def test_full_crop_without_jitter_is_a_plain_resize():
     images = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
     still = ViewConfig(crop_scale_min=1.0, crop_ratio_min=1.0, crop_ratio_max=1.0, flip_p=0.0, jitter_p=0.0)
