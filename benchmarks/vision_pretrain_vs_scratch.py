@@ -4,7 +4,8 @@ against the same backbone from random init, over seeds, plus the raw-pixel basel
 For each preset and seed: pretrain with that seed, then probe the exported backbone (loaded with stock
 `AutoModel`) and the same architecture with fresh weights of the same seed, by the same call on the
 same images: the whole official train and test splits by default, as solo-learn scores them (the
-raw-pixel kNN of about 85.5% on Fashion-MNIST is a full-split figure). `full` then fine-tunes every weight of both arms (`visionssl.finetune`:
+raw-pixel kNN of about 85.5% on Fashion-MNIST is a full-split figure); the export's card then carries no
+probe scores. `full` then fine-tunes every weight of both arms (`visionssl.finetune`:
 stock `AutoModelForImageClassification`, the same labelled images, steps and seed, each arm's
 learning rate chosen on a held-out validation split from `--finetune-lrs`, early stopping on it).
 The table comes from `sslcore.compare` (the one the text side uses).
