@@ -1,6 +1,6 @@
 """The README demo: pretrain a small BERT, look at what it learned, then ask whether it paid off.
 
-    python recipes/demo.py                       # about 15-20 minutes on 2 CPU cores (README: measured time)
+    python recipes/demo.py                       # ~15 minutes on 2 free CPU cores (measured 2026-12-03, README)
     python recipes/demo.py --train.max_steps 100 # any pretraining config override works
     python recipes/demo.py --no-downstream       # stop after the fill-mask examples
     python recipes/demo.py --seeds [0,1,2,3,4]   # more seeds per arm for the pretrained-vs-scratch table
