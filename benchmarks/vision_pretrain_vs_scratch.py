@@ -190,9 +190,10 @@ def main() -> None:
 
     command = "python benchmarks/vision_pretrain_vs_scratch.py " + shlex.join(sys.argv[1:])
     pixel_note = ", ".join(f"{PROBES[k]} {v:.4f}" for k, v in (pixel_scores or {}).items())
-    note = (f"Pretrained: {'; '.join(notes)}. Probes on frozen features of {args.probe_train or 'all'} training and "
-            f"{args.probe_test or 'all'} test images (the same images for every run). Raw-pixel baseline on the same "
-            f"images: {pixel_note}.")
+    note = f"Pretrained: {'; '.join(notes)}."
+    if probes:
+        note += (f" Probes on frozen features of {args.probe_train or 'all'} training and {args.probe_test or 'all'} "
+                 f"test images (the same images for every run). Raw-pixel baseline on the same images: {pixel_note}.")
     if "full" in arms:
         note += (f" Full fine-tuning: every weight of ResNetForImageClassification/ViTForImageClassification, "
                  f"{args.finetune_labels or 'all'} labelled training images (stratified), at most "

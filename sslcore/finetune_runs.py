@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -256,11 +257,46 @@ _NEUTRAL_TRAIN_OPTIONS = ("output_dir", "progress_bar", "log_every", "report_to"
 """Train options that change no score (batches are seeded per example, whoever builds them)."""
 
 
+_NEUTRAL_MODEL_CONFIG_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype")
+"""config.json keys that change nothing a model built from the config computes."""
+
+_SCRATCH_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                  "preprocessor_config.json", "feature_extractor_config.json")
+"""What a random-init arm takes from its checkpoint folder: the architecture and the preprocessing, no weight."""
+
+
+def scratch_source(path: str) -> str:
+    """What a random-init run reads from the checkpoint folder `path`, as a digest: two exports of the same shape
+    and tokenizer (pretrained differently, or elsewhere) give the same scratch runs, which are then reused. A Hub
+    id (not a local folder) stays as it is."""
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        return path
+    digest = hashlib.sha256()
+    for name in _SCRATCH_FILES:
+        file = folder / name
+        if not file.is_file():
+            continue
+        content = file.read_bytes()
+        if name == "config.json":
+            config = {k: v for k, v in json.loads(content).items() if k not in _NEUTRAL_MODEL_CONFIG_KEYS}
+            content = json.dumps(config, sort_keys=True).encode()
+        elif name == "tokenizer_config.json":
+            config = {k: v for k, v in json.loads(content).items() if k != "name_or_path"}
+            content = json.dumps(config, sort_keys=True).encode()
+        digest.update(name.encode() + b"\0" + content)
+    return f"scratch-of:{digest.hexdigest()[:16]}"
+
+
 def _without_neutral_options(fingerprint: Any) -> Any:
-    """`fingerprint` less `_NEUTRAL_TRAIN_OPTIONS`, also for one saved before an option was added or dropped."""
+    """`fingerprint` less `_NEUTRAL_TRAIN_OPTIONS`, also for one saved before an option was added or dropped; the
+    checkpoint folder of a random-init run replaced by `scratch_source` (its weights are never read)."""
     if isinstance(fingerprint, dict) and isinstance(fingerprint.get("train"), dict):
         fingerprint = {**fingerprint, "train": {key: value for key, value in fingerprint["train"].items()
                                                 if key not in _NEUTRAL_TRAIN_OPTIONS}}
+    model = fingerprint.get("model") if isinstance(fingerprint, dict) else None
+    if isinstance(model, dict) and model.get("init") == "random" and isinstance(model.get("path"), str):
+        fingerprint = {**fingerprint, "model": {**model, "path": scratch_source(model["path"])}}
     return fingerprint
 
 

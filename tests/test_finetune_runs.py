@@ -194,3 +194,31 @@ def test_a_finished_run_is_reused_whatever_options_that_change_no_score_say(tmp_
     assert finished_run(config, 4, tmp_path) is None  # another seed is another run
     retuned = with_setting(config, {"learning_rate": 1e-3})
     assert finished_run(retuned, 3, tmp_path) is None  # an option that changes the result
+
+
+def test_a_random_init_run_is_reused_for_another_checkpoint_of_the_same_shape_and_tokenizer(tmp_path):
+    from sslcore.finetune_runs import finished_run, run_fingerprint
+
+    def export(name, hidden=8, vocab="a b c", weights=0.0):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"_name_or_path": str(folder), "hidden_size": hidden}))
+        (folder / "tokenizer.json").write_text(json.dumps({"vocab": vocab.split()}))
+        save_file({"w": torch.full((2,), weights)}, str(folder / "model.safetensors"))
+        return str(folder)
+
+    first, other_weights = export("first"), export("second", weights=1.0)
+    wider, other_vocab = export("wider", hidden=16), export("vocab", vocab="a b d")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for init in ("random", "pretrained"):
+        config = build_run_config(ToyFinetuneConfig, None, [], finetune_keywords(model=first, init=init))
+        saved = run_fingerprint(config, 0)
+        saved["model"]["path"] = first  # as a run saved before the digest existed wrote it
+        (run_dir / "scores.json").write_text(json.dumps({"config": saved, "test": {"accuracy": 0.5}}))
+        reused = {path: finished_run(build_run_config(ToyFinetuneConfig, None, [], finetune_keywords(
+            model=path, init=init)), 0, run_dir) is not None for path in (first, other_weights, wider, other_vocab)}
+        # Scratch never reads the weights: only the architecture and the tokenizer decide.
+        expected = ({first: True, other_weights: True, wider: False, other_vocab: False} if init == "random" else
+                    {first: True, other_weights: False, wider: False, other_vocab: False})
+        assert reused == expected, init

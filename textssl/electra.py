@@ -34,6 +34,7 @@ from sslcore.objective import LossContext, Ratio
 from sslcore.registry import register_objective
 from sslcore.run_config import RunConfig
 from textssl.data import TextDataConfig, describe_corpus, export_text_model
+from textssl.embedding_init import Word2VecInitConfig, load_into
 from textssl.masking import IGNORE_INDEX, MaskingConfig
 from textssl.mlm import MaskedLMObjective, masked_token_count, mlm_loss
 from textssl.tokenizer import TokenizerConfig
@@ -139,6 +140,8 @@ class ElectraRTDConfig(RunConfig):
     """Which positions the generator fills (ELECTRA: 15%, 85% of them [MASK], no random tokens)."""
     rtd: RTDConfig = field(default_factory=RTDConfig)
     """Weight of the replaced-token-detection loss."""
+    embedding_init: Word2VecInitConfig = field(default_factory=Word2VecInitConfig)
+    """Start the shared token embeddings from skip-gram vectors of the tokenizer's pieces (off by default)."""
 
 
 def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
@@ -253,7 +256,13 @@ class ElectraRTDObjective(MaskedLMObjective):
         generator, discriminator = model.electra_configs(len(self.tokenizer), self.tokenizer.pad_token_id)
         banned = torch.zeros(len(self.tokenizer), dtype=torch.bool)
         banned[self.special_ids] = True
-        return GeneratorDiscriminator(ElectraForMaskedLM(generator), ElectraForPreTraining(discriminator), banned)
+        pair = GeneratorDiscriminator(ElectraForMaskedLM(generator), ElectraForPreTraining(discriminator), banned)
+        if self.piece_vectors is not None:  # the table both models share
+            load_into(pair.discriminator.get_input_embeddings(), *self.piece_vectors, std=discriminator.initializer_range)
+        return pair
+
+    def embedding_width(self) -> int:
+        return self.config.model.embedding_size
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor],
              ctx: LossContext) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -19,8 +19,9 @@ from sslcore.objective import LossContext, Objective, Ratio
 from sslcore.registry import register_objective
 from sslcore.run_config import RunConfig, TrainConfig
 from textssl.data import TextDataConfig, describe_corpus, export_text_model, load_text, materialize
+from textssl.embedding_init import Word2VecInitConfig, cached_piece_vectors, load_into
 from textssl.masking import IGNORE_INDEX, MaskingConfig, mask_tokens
-from textssl.packing import pack_for_bert
+from textssl.packing import pack_for_bert, tokenizer_fingerprint
 from textssl.tokenizer import TokenizerConfig, word_start_table
 
 
@@ -60,6 +61,8 @@ class MLMConfig(RunConfig):
     """Encoder shape."""
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     """Masking rate and scheme."""
+    embedding_init: Word2VecInitConfig = field(default_factory=Word2VecInitConfig)
+    """Start the token embeddings from skip-gram vectors of the tokenizer's pieces (off by default)."""
 
 
 class MaskedPositionsHead(nn.Module):
@@ -156,12 +159,24 @@ class MaskedLMObjective(Objective):
         if isinstance(self.blocks["train"], datasets.Dataset) and len(self.blocks["train"]) == 0:
             raise ValueError(f"the corpus gave no block of {data.max_seq_length} tokens; "
                              "add documents or lower data.max_seq_length")
+        special_ids = sorted(set(self.tokenizer.all_special_ids))
+        self.piece_vectors = None
+        if self.config.embedding_init.epochs > 0:
+            train = self.blocks["train"]
+            self.piece_vectors = cached_piece_vectors(
+                self.config.train.output_dir, train, len(self.tokenizer), special_ids, self.embedding_width(),
+                self.config.embedding_init, self.config.train.seed,
+                data_key=f"{tokenizer_fingerprint(self.tokenizer)}-{getattr(train, '_fingerprint', len(train))}")
         self.blocks = {split: ds.with_format("torch") for split, ds in self.blocks.items()}
         self.word_starts = word_start_table(self.tokenizer)
-        special = torch.tensor(sorted(set(self.tokenizer.all_special_ids)))
+        special = torch.tensor(special_ids)
         vocab = torch.arange(len(self.tokenizer))
         self.special_ids = special
         self.random_token_ids = vocab[~torch.isin(vocab, special)]
+
+    def embedding_width(self) -> int:
+        """Width of the token embedding table."""
+        return self.config.model.hidden_size
 
     def train_dataset(self):
         return self.blocks["train"]
@@ -188,7 +203,10 @@ class MaskedLMObjective(Objective):
     def build_model(self) -> nn.Module:
         config = BertConfig(vocab_size=len(self.tokenizer), pad_token_id=self.tokenizer.pad_token_id,
                             type_vocab_size=2, **vars(self.config.model))
-        return MaskedPositionsHead(BertForMaskedLM(config))
+        model = BertForMaskedLM(config)
+        if self.piece_vectors is not None:
+            load_into(model.get_input_embeddings(), *self.piece_vectors, std=config.initializer_range)
+        return MaskedPositionsHead(model)
 
     def build_optimizer(self, model: nn.Module, args: TrainConfig) -> torch.optim.Optimizer:
         """AdamW over `parameter_groups`, fused: one kernel per tensor. The unfused CPU step makes a
