@@ -1,6 +1,6 @@
 """The README demo: pretrain a small BERT, look at what it learned, then ask whether it paid off.
 
-    python recipes/demo.py                       # ~15 minutes on 2 free CPU cores (measured 2026-12-03, README)
+    python recipes/demo.py                       # ~16 minutes on 2 free CPU cores (measured 2026-12-03, README)
     python recipes/demo.py --train.max_steps 100 # any pretraining config override works
     python recipes/demo.py --no-downstream       # stop after the fill-mask examples
     python recipes/demo.py --seeds [0,1,2,3,4]   # more seeds per arm for the pretrained-vs-scratch table
@@ -8,8 +8,8 @@
 
 Builds the corpus (`recipes/configs/bert_mlm_demo.yaml`: the offline `mixed` sources that can be
 fetched, gensim's Wikipedia excerpt and Lee news at least, plus the sentiment task's unlabelled
-training text), trains a WordPiece tokenizer, pretrains with masked-LM (loss, throughput and ETA
-in the log), exports a stock transformers folder, shows fill-mask predictions on held-out
+training text), trains a WordPiece tokenizer, starts the token embeddings from skip-gram vectors of its pieces,
+pretrains with masked-LM (loss, throughput and ETA in the log), exports a stock transformers folder, shows fill-mask predictions on held-out
 sentences, writes the loss-curve PNG, and ends with the pretrained-vs-random-init table (`textssl.downstream`):
 a linear probe of the frozen encoder, 3 seeds per arm by default, on movie-review sentiment (whose unlabelled
 training text is in the corpus) and on question type (trec-coarse) and SMS spam, whose text the corpus never
@@ -33,7 +33,7 @@ TASK = "movie-sentiment"
 TRANSFER_TASKS = ["trec-coarse", "sms-spam"]
 """Tasks whose text the demo corpus never contains."""
 PROTOCOLS = ["probe"]
-"""The frozen-encoder probe: 0.8 min for all three tasks, both arms, 3 seeds on 2 cores. Full fine-tuning with a
+"""The frozen-encoder probe: about a minute for all three tasks, both arms, 3 seeds on 2 cores. Full fine-tuning with a
 learning-rate grid is ~50 minutes per task on this encoder, so it lives in benchmarks/downstream.py."""
 FINETUNE = {"model": {"max_seq_length": 64}, "train": {"progress_bar": False}}
 """Fine-tuning inputs as long as the pretraining blocks (the README's benchmark commands: --set model.max_seq_length=64)."""

@@ -62,7 +62,8 @@ def pretraining_budget(model_dir: str | Path) -> dict[str, Any]:
         budget.update(objective=config.get("objective"), max_steps=train.get("max_steps"),
                       batch=train.get("per_device_batch_size", 0) * train.get("gradient_accumulation_steps", 1),
                       seq_len=data.get("max_seq_length"), sources=data.get("corpus", {}).get("sources"),
-                      encoder=config.get("model"), vocab_size=config.get("tokenizer", {}).get("vocab_size"))
+                      encoder=config.get("model"), vocab_size=config.get("tokenizer", {}).get("vocab_size"),
+                      word2vec_init_epochs=config.get("embedding_init", {}).get("epochs", 0))
     metrics_file = run_dir / "metrics.jsonl"
     if metrics_file.is_file():
         records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
@@ -94,8 +95,10 @@ def describe_budget(budget: dict[str, Any]) -> str:
 
 def checkpoint_note(budget: dict[str, Any]) -> str:
     """One sentence on the pretrained checkpoint for the report."""
+    start = (f", token embeddings started from {budget['word2vec_init_epochs']} epochs of skip-gram"
+             if budget.get("word2vec_init_epochs") else "")
     return (f"Pretrained checkpoint: `{budget['checkpoint']}` ({budget.get('objective', '?')} on "
-            f"{', '.join(budget.get('sources') or ['?'])}; {describe_budget(budget)}"
+            f"{', '.join(budget.get('sources') or ['?'])}{start}; {describe_budget(budget)}"
             + (f"; final eval loss {budget['final_eval_loss']:.3f}" if "final_eval_loss" in budget else "") + ").")
 
 
