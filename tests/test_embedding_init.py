@@ -57,3 +57,12 @@ def test_off_by_default_and_bad_values_are_refused():
     assert Word2VecInitConfig().epochs == 0
     with pytest.raises(ConfigError, match="embedding_init"):
         Word2VecInitConfig(epochs=-1)
+
+
+def test_a_streamed_corpus_is_a_clear_error(cache_dir, tmp_path):
+    args = tiny(cache_dir, tmp_path, **{"embedding_init.epochs": 1, "data.corpus.streaming": "true",
+                                        "data.corpus.sources": "[gensim-lee]"})
+    config = build_config(CONFIG, args)
+    objective = get_objective(config.objective)(config)
+    with pytest.raises(ConfigError, match="streaming false or embedding_init.epochs 0"):
+        objective.prepare()

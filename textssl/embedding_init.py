@@ -61,9 +61,6 @@ def piece_vectors(blocks: datasets.Dataset, vocab_size: int, special_ids: list[i
     trained (pieces that occur; special tokens are dropped from the sentences)."""
     from gensim.models import Word2Vec
 
-    if not isinstance(blocks, datasets.Dataset):
-        raise ConfigError("embedding_init.epochs > 0 needs the training corpus in memory, not streamed; set "
-                          "data.corpus.streaming false or embedding_init.epochs 0")
     special = np.asarray(special_ids)
     ids = blocks.with_format("numpy")["input_ids"]
     sentences = [[str(piece) for piece in row[~np.isin(row, special)]] for row in ids]
@@ -81,9 +78,13 @@ def piece_vectors(blocks: datasets.Dataset, vocab_size: int, special_ids: list[i
 
 def cached_piece_vectors(run_dir: str | Path, blocks: datasets.Dataset, vocab_size: int, special_ids: list[int],
                          width: int, config: Word2VecInitConfig, seed: int,
-                         data_key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """`piece_vectors`, read from `<run_dir>/word2vec_init.safetensors` when it was made from the same data
-    (`data_key`), config and seed."""
+                         tokenizer_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`piece_vectors`, read from `<run_dir>/word2vec_init.safetensors` when it was made from the same blocks
+    (their `datasets` fingerprint and `tokenizer_key`), config and seed."""
+    if not isinstance(blocks, datasets.Dataset):
+        raise ConfigError("embedding_init.epochs > 0 needs the training corpus in memory, not streamed; set "
+                          "data.corpus.streaming false or embedding_init.epochs 0")
+    data_key = [tokenizer_key, blocks._fingerprint, len(blocks)]
     key = hashlib.sha256(json.dumps([data_key, asdict(config), seed, width, vocab_size]).encode()).hexdigest()[:16]
     path = Path(run_dir) / CACHE_NAME
     if path.is_file():

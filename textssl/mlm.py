@@ -162,11 +162,10 @@ class MaskedLMObjective(Objective):
         special_ids = sorted(set(self.tokenizer.all_special_ids))
         self.piece_vectors = None
         if self.config.embedding_init.epochs > 0:
-            train = self.blocks["train"]
             self.piece_vectors = cached_piece_vectors(
-                self.config.train.output_dir, train, len(self.tokenizer), special_ids, self.embedding_width(),
-                self.config.embedding_init, self.config.train.seed,
-                data_key=f"{tokenizer_fingerprint(self.tokenizer)}-{getattr(train, '_fingerprint', len(train))}")
+                self.config.train.output_dir, self.blocks["train"], len(self.tokenizer), special_ids,
+                self.embedding_width(), self.config.embedding_init, self.config.train.seed,
+                tokenizer_key=tokenizer_fingerprint(self.tokenizer))
         self.blocks = {split: ds.with_format("torch") for split, ds in self.blocks.items()}
         self.word_starts = word_start_table(self.tokenizer)
         special = torch.tensor(special_ids)
