@@ -4,10 +4,11 @@ A small encoder pretrained for half an hour on a CPU learns word order and frequ
 but little about what content words mean; skip-gram learns that from the same text in minutes (demo corpus,
 movie sentiment, linear probe of the mean-pooled embedding layer: 0.685 when the masked-LM started from skip-gram,
 0.635 from its own random start, 0.614 for random embeddings; benchmarks/RESULTS.md, section 6). So the masked-LM
-can start from them: skip-gram (gensim) is
-trained on the training blocks the masked-LM will read, with the pieces as words, and its vectors, rescaled
-to the model's init scale, replace the random rows of the embedding table (tied to the output layer, so the
-vocab projection starts from them too). Pieces word2vec never saw, and special tokens, keep their random rows.
+can start from them: skip-gram (gensim) is trained on the training blocks the masked-LM will read, with the
+pieces as words, and its vectors, rescaled to the model's init scale, replace the random rows of the embedding
+table (tied to the output layer, so the vocab projection starts from them too). Pieces word2vec never saw, and
+special tokens, keep their random rows. gensim directly, not `textssl.word2vec`: that one trains on words it
+tokenizes itself, and here the units are the tokenizer's piece ids of already-packed blocks.
 
 The vectors are computed once per run and cached in the run folder, so a resumed run and the other
 processes of a launch (which prepare after the main one) read them instead of training again.
@@ -103,8 +104,9 @@ def cached_piece_vectors(run_dir: str | Path, blocks: datasets.Dataset, vocab_si
 
 
 def load_into(embedding: nn.Embedding, vectors: torch.Tensor, trained: torch.Tensor, std: float) -> None:
-    """Copy the trained rows of `vectors`, centred and rescaled so their entries have standard deviation `std` (the model's
-    init scale, so position embeddings keep their weight after the embedding LayerNorm), into `embedding`."""
+    """Copy the trained rows of `vectors`, centred and rescaled so their entries have standard deviation `std`
+    (the model's init scale, so position embeddings keep their weight after the embedding LayerNorm), into
+    `embedding`."""
     if vectors.shape != embedding.weight.shape:
         raise ValueError(f"word2vec vectors {tuple(vectors.shape)} do not fit the embedding table "
                          f"{tuple(embedding.weight.shape)}")
