@@ -71,7 +71,9 @@ def finetune_arm(config, model_dir: Path, init: str, seed: int, args, out: Path)
         "split": {"train_examples": args.finetune_labels, "test_examples": args.probe_test,
                   "validation_fraction": args.finetune_validation},
         "train": {"output_dir": str(out / "finetune"), "max_steps": args.finetune_steps,
-                  "per_device_batch_size": min(args.batch, 128), "eval_every": max(1, args.finetune_steps // 10),
+                  # a label budget below one batch trains on the whole labelled set each step
+                  "per_device_batch_size": min(args.batch, 128, args.finetune_labels or args.batch),
+                  "eval_every": max(1, args.finetune_steps // 10),
                   "progress_bar": False, "report_to": []}})
     chosen = result.selection.short() if result.selection is not None else ""
     return result.test["accuracy"][0], result.seconds, result.steps[0], chosen
